@@ -1,0 +1,205 @@
+"""The engine core: sequences in persistent cache slots, advanced together one step at a time.
+
+One step structure for every decoding mode: propose (nothing / a tree from the draft heads / a chain
+from the draft model) -> verify (ONE batched target forward over each sequence's pending tokens and
+candidates, tree attention) -> accept (`speculative.verify`) -> commit (keep the accepted path in the
+cache, roll back the rest, append accepted + bonus + forced tokens).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from engine.draft_proposer import chain, pad_blocks, propose_drafts
+from engine.heads_proposer import build_tree
+from engine.kv_cache import KVCache
+from engine.rules import NoRule, TokenRule
+from engine.sequence import Sequence
+from engine.speculative import Candidates, verify
+from engine.tree import default_accuracies, sparse_tree, validate_shape
+from engine.types import GenerationConfig, GenerationResult
+from models.bundle import Bundle, load_bundle
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Engine:
+    def __init__(self, bundle: Bundle, max_batch: int = 8, max_len: int = 2048) -> None:
+        self.bundle = bundle
+        self.target, self.draft, self.heads = bundle.target, bundle.draft, bundle.heads
+        cfg = self.target.config
+        self.vocab_size = cfg.vocab_size
+        self.device = next(self.target.parameters()).device
+        dtype = next(self.target.parameters()).dtype
+        self.max_len = max_len
+        self.cache = KVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_len,
+                             cfg.head_dim, dtype, self.device)
+        self.draft_cache = None
+        if self.draft is not None:
+            d = self.draft.config
+            self.draft_cache = KVCache(d.num_hidden_layers, max_batch, d.num_key_value_heads,
+                                       max_len, d.head_dim, dtype, self.device)
+        eos = set(cfg.eos_token_id)
+        if bundle.tokens is not None:
+            eos.add(bundle.tokens.eos)
+        self.eos = frozenset(eos)
+        self.default_tree = None
+        if self.heads is not None:
+            spec = bundle.heads_spec
+            acc = spec.accuracies or default_accuracies(spec.num_heads)
+            self.default_tree = (validate_shape(spec.tree, spec.num_heads) if spec.tree
+                                 else sparse_tree(acc, spec.tree_nodes))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu", max_batch: int = 8,
+             max_len: int = 2048) -> Engine:
+        return cls(load_bundle(path, resolve_device(device)), max_batch=max_batch, max_len=max_len)
+
+    # --- public calls -------------------------------------------------------------------------
+    def generate(self, prompt: list[int], cfg: GenerationConfig = GenerationConfig(),
+                 rule: TokenRule | None = None) -> GenerationResult:
+        return self.generate_batch([prompt], [cfg], [rule])[0]
+
+    def generate_batch(self, prompts: list[list[int]], cfgs: list[GenerationConfig],
+                       rules: list[TokenRule | None] | None = None) -> list[GenerationResult]:
+        """Run sequences together to the end; results equal running each alone."""
+        rules = rules or [None] * len(prompts)
+        for prompt, cfg in zip(prompts, cfgs):
+            self.check(prompt, cfg)
+        seqs: list[Sequence] = []
+        try:
+            for prompt, cfg, rule in zip(prompts, cfgs, rules):
+                seqs.append(self.add(prompt, cfg, rule))
+            active = list(seqs)
+            while active:
+                self.step(active)
+                active = [s for s in active if not s.finished]
+        finally:
+            for s in seqs:
+                self.release(s)
+        return [s.result() for s in seqs]
+
+    # --- sequence lifecycle (the scheduler's surface) ----------------------------------------------
+    def check(self, prompt: list[int], cfg: GenerationConfig) -> None:
+        """ValueError for a request the engine cannot run."""
+        cfg.validate(self.heads.num_heads if self.heads is not None else None,
+                     self.draft is not None)
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if len(prompt) >= self.max_len:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; the cache holds {self.max_len}")
+        if cfg.tree is not None:
+            validate_shape(list(cfg.tree), self.heads.num_heads)
+
+    def add(self, prompt: list[int], cfg: GenerationConfig, rule: TokenRule | None = None
+            ) -> Sequence:
+        self.check(prompt, cfg)
+        if cfg.decoding == "draft" and self.draft_cache.slots_in_use >= self.draft_cache.max_batch:
+            raise RuntimeError("no free draft cache slot")
+        seed = cfg.seed if cfg.seed is not None else random.randrange(2**63)
+        slot = self.cache.allocate()
+        draft_slot = self.draft_cache.allocate() if cfg.decoding == "draft" else None
+        return Sequence(prompt=list(prompt), cfg=cfg, rule=rule or NoRule(), slot=slot,
+                        draft_slot=draft_slot, generator=torch.Generator().manual_seed(seed),
+                        eos=self.eos)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the sequence's cache slots (finished, cancelled or failed). Idempotent."""
+        if seq.slot >= 0:
+            self.cache.release(seq.slot)
+            seq.slot = -1
+        if seq.draft_slot is not None:
+            self.draft_cache.release(seq.draft_slot)
+            seq.draft_slot = None
+        if not seq.finished:
+            seq.finish("aborted")
+
+    # --- one step -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence]) -> None:
+        """Advance every sequence by one target forward."""
+        pending = [s.tokens[self.cache.lengths[s.slot]:] for s in seqs]
+        room = [self.max_len - self.cache.lengths[s.slot] - len(p) for s, p in zip(seqs, pending)]
+        for s, r in zip(seqs, room):
+            if r < 0:
+                s.finish("cache")
+        live = [b for b, s in enumerate(seqs) if not s.finished]
+        if not live:
+            return
+        seqs, pending, room = ([xs[b] for b in live] for xs in (seqs, pending, room))
+        cands = self._propose(seqs, pending, room)
+
+        # verify: one target forward over pending + candidates of every sequence
+        parents = [chain(len(p)) + [q + len(p) if q >= 0 else len(p) - 1 for q in c.parents]
+                   for p, c in zip(pending, cands)]
+        layout = self.cache.layout([s.slot for s in seqs], parents)
+        ids = pad_blocks([p + c.tokens for p, c in zip(pending, cands)], self.device)
+        hidden = self.target(ids, self.cache, layout)  # (B, T, D)
+        # logits only where a token is decided: the root (last pending) and every candidate
+        rows_b = [b for b, (p, c) in enumerate(zip(pending, cands)) for _ in range(len(c) + 1)]
+        rows_t = [len(p) - 1 + i for p, c in zip(pending, cands) for i in range(len(c) + 1)]
+        logits = self.target.logits(hidden[rows_b, rows_t]).cpu()  # (rows, V)
+
+        first = 0
+        for b, (s, p, c) in enumerate(zip(seqs, pending, cands)):
+            rows = logits[first:first + len(c) + 1]
+            first += len(c) + 1
+            verdict = verify(c, rows, s.tokens, s.end_state, s.rule, s.cfg, s.cfg.decoding,
+                             s.generator)
+            # commit: the pending tokens and the accepted path stay in the cache
+            self.cache.commit(s.slot, list(range(len(p))) + [len(p) + i for i in verdict.path])
+            last = len(p) - 1 + (verdict.path[-1] + 1 if verdict.path else 0)
+            s.last_hidden = hidden[b, last].clone()
+            self._count(s, c, verdict.path)
+            s.extend([c.tokens[i] for i in verdict.path] + [verdict.bonus])
+            if s.draft_slot is not None:  # roll the draft cache back to the accepted tokens
+                self.draft_cache.truncate(s.draft_slot, min(self.draft_cache.lengths[s.draft_slot],
+                                                            self.cache.lengths[s.slot]))
+
+    def _propose(self, seqs: list[Sequence], pending: list[list[int]], room: list[int]
+                 ) -> list[Candidates]:
+        cands = [Candidates() for _ in seqs]
+        by_heads = [b for b, s in enumerate(seqs)
+                    if s.cfg.decoding == "heads" and s.last_hidden is not None and room[b] > 0]
+        if by_heads:
+            head_logits = self.heads(torch.stack([seqs[b].last_hidden for b in by_heads])).cpu()
+            for i, b in enumerate(by_heads):
+                s = seqs[b]
+                shape = list(s.cfg.tree) if s.cfg.tree is not None else self.default_tree
+                tree = build_tree(head_logits[i], shape, s.rule, s.end_state, len(pending[b]) - 1)
+                cands[b] = tree.truncated(room[b])
+        by_draft = [b for b, s in enumerate(seqs) if s.cfg.decoding == "draft"]
+        if by_draft:
+            drafts = propose_drafts(self.draft, self.draft_cache, [seqs[b] for b in by_draft],
+                                    [room[b] for b in by_draft])
+            for b, c in zip(by_draft, drafts):
+                cands[b] = c
+        return cands
+
+    @staticmethod
+    def _count(s: Sequence, c: Candidates, path: list[int]) -> None:
+        st = s.stats
+        st.target_forwards += 1
+        accepted = set(path)
+        for i in range(len(c)):
+            if c.forced[i]:
+                continue
+            d = c.depth(i)
+            while len(st.drafted_per_pos) < d:
+                st.drafted_per_pos.append(0)
+                st.accepted_per_pos.append(0)
+            st.drafted += 1
+            st.drafted_per_pos[d - 1] += 1
+            if i in accepted:
+                st.accepted += 1
+                st.accepted_per_pos[d - 1] += 1

@@ -1,0 +1,149 @@
+"""Persistent key/value cache: preallocated once, one slot per sequence, reused across steps and requests.
+
+Layout of each buffer: (layers, max_batch, kv_heads, max_len, head_dim). A slot's committed entries are
+`[0, lengths[slot])`. A forward writes its block of new tokens right after them; the caller then keeps
+only the accepted ones with `commit` (compacting a tree path into place) — entries past the committed
+length are stale and are never attended to, they are simply overwritten by the next block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where the new tokens of one forward go, their rotary positions and what each may attend to.
+
+    B sequences, T = the longest block (shorter blocks are padded), S = span of cache read.
+    """
+
+    slots: torch.Tensor  # (B,) cache slot of each sequence
+    slot_range: tuple[int, int] | None  # (first, last+1) when slots are consecutive: read by slicing
+    positions: torch.Tensor  # (B, T) rotary position of each new token
+    write_slot: torch.Tensor  # (M,) for each real (non-padding) new token: its slot ...
+    write_pos: torch.Tensor  # (M,) ... its index in the cache ...
+    src_b: torch.Tensor  # (M,) ... and where it sits in the (B, T) input
+    src_t: torch.Tensor  # (M,)
+    attn_mask: torch.Tensor  # (B, 1, T, S) bool, True = may attend
+    span: int  # S
+
+
+def ancestor_mask(parents: list[int]) -> torch.Tensor:
+    """parents[i] < i is the index of node i's parent inside the block, -1 for the cached prefix.
+    Returns (n, n) bool: row i is True at i and at each of its ancestors (tree attention)."""
+    n = len(parents)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return mask
+
+
+def depths(parents: list[int]) -> list[int]:
+    out: list[int] = []
+    for p in parents:
+        out.append(0 if p < 0 else out[p] + 1)
+    return out
+
+
+class KVCache:
+    def __init__(self, num_layers: int, max_batch: int, num_kv_heads: int, max_len: int,
+                 head_dim: int, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+        shape = (num_layers, max_batch, num_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_batch, self.max_len = max_batch, max_len
+        self.device = torch.device(device)
+        self.lengths = [0] * max_batch  # committed entries per slot
+        self._free = list(range(max_batch - 1, -1, -1))
+
+    # --- slots --------------------------------------------------------------------------------
+    @property
+    def slots_in_use(self) -> int:
+        return self.max_batch - len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free KV cache slot")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._free:
+            raise RuntimeError(f"slot {slot} released twice")
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    # --- forward ------------------------------------------------------------------------------
+    def layout(self, slots: list[int], parents: list[list[int]]) -> BlockLayout:
+        """Layout for a block per slot; `parents[b]` gives the tree of slot b's new tokens
+        (a chain is [-1, 0, 1, ...]). Each block is written right after the slot's committed entries."""
+        B, T = len(slots), max(len(p) for p in parents)
+        starts = [self.lengths[s] for s in slots]
+        for s, start, par in zip(slots, starts, parents):
+            if start + len(par) > self.max_len:
+                raise ValueError(f"slot {s}: {start} cached + {len(par)} new tokens exceed "
+                                 f"the cache length {self.max_len}")
+        span = max(start + len(par) for start, par in zip(starts, parents))
+        positions = torch.zeros(B, T, dtype=torch.long)
+        mask = torch.zeros(B, 1, T, span, dtype=torch.bool)
+        write_slot, write_pos, src_b, src_t = [], [], [], []
+        for b, (s, start, par) in enumerate(zip(slots, starts, parents)):
+            n = len(par)
+            positions[b, :n] = start + torch.tensor(depths(par), dtype=torch.long)
+            mask[b, 0, :n, :start] = True
+            mask[b, 0, :n, start:start + n] = ancestor_mask(par)
+            mask[b, 0, n:, 0] = True  # padding rows attend to one entry so softmax stays finite
+            write_slot += [s] * n
+            write_pos += range(start, start + n)
+            src_b += [b] * n
+            src_t += range(n)
+        consecutive = slots == list(range(slots[0], slots[0] + B))
+        dev = self.device
+        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        return BlockLayout(slots=as_long(slots),
+                           slot_range=(slots[0], slots[0] + B) if consecutive else None,
+                           positions=positions.to(dev), write_slot=as_long(write_slot),
+                           write_pos=as_long(write_pos), src_b=as_long(src_b), src_t=as_long(src_t),
+                           attn_mask=mask.to(dev), span=span)
+
+    def update(self, layer: int, layout: BlockLayout, k: torch.Tensor,
+               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the block's k, v (B, Hkv, T, hd) into the cache; return the keys and values that
+        the block attends to, (B, Hkv, S, hd) each."""
+        kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
+        kc[layout.write_slot, :, layout.write_pos] = k.transpose(1, 2)[layout.src_b, layout.src_t]
+        vc[layout.write_slot, :, layout.write_pos] = v.transpose(1, 2)[layout.src_b, layout.src_t]
+        if layout.slot_range is not None:
+            first, end = layout.slot_range
+            return kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]
+        return kc[layout.slots, :, :layout.span], vc[layout.slots, :, :layout.span]
+
+    # --- after verification -------------------------------------------------------------------
+    def commit(self, slot: int, keep: list[int]) -> None:
+        """Keep the block entries `keep` (indices into the last block written to `slot`, in path
+        order) as the next committed entries, dropping the rest of the block."""
+        start = self.lengths[slot]
+        n = len(keep)
+        if start + n > self.max_len:
+            raise ValueError("commit beyond the cache length")
+        if keep != list(range(n)):
+            src = torch.tensor([start + i for i in keep], device=self.device)
+            # gather into a temporary first: source and destination ranges may overlap
+            k_path = self.k[:, slot].index_select(2, src)  # (layers, Hkv, n, hd), a copy
+            v_path = self.v[:, slot].index_select(2, src)
+            self.k[:, slot, :, start:start + n] = k_path
+            self.v[:, slot, :, start:start + n] = v_path
+        self.lengths[slot] = start + n
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Roll back: forget committed entries past `length`."""
+        if length > self.lengths[slot]:
+            raise ValueError("truncate can only shorten")
+        self.lengths[slot] = length

@@ -1,0 +1,262 @@
+"""A Llama-family decoder (RMSNorm, rotary positions, SwiGLU, grouped-query attention).
+
+Module and parameter names follow Hugging Face's `LlamaForCausalLM`, so a `model.safetensors`
+written by transformers loads name by name (see `HF_NAMES`) and ours loads in transformers.
+
+The forward pass never owns a cache: it reads and writes the persistent `engine.kv_cache.KVCache`
+through a `engine.kv_cache.BlockLayout` that says, for each sequence of the batch, which cache slot it
+uses, where its new tokens go and which cached entries each new token may attend to (tree attention).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+if TYPE_CHECKING:
+    from engine.kv_cache import BlockLayout, KVCache
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The subset of Hugging Face's `LlamaConfig` that this decoder implements."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("num_attention_heads must be a multiple of num_key_value_heads")
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> LlamaConfig:
+        model_type = raw.get("model_type", "llama")
+        if model_type != "llama":
+            raise ValueError(f"unsupported model_type {model_type!r}: only 'llama' is implemented")
+        if raw.get("rope_scaling"):
+            raise ValueError(f"rope_scaling {raw['rope_scaling']!r} is not supported")
+        if raw.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported")
+        eos = raw.get("eos_token_id")
+        eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
+        names = {f for f in cls.__dataclass_fields__ if f != "eos_token_id"}
+        kwargs = {k: raw[k] for k in names if k in raw and raw[k] is not None}
+        kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
+        return cls(eos_token_id=eos_ids, **kwargs)
+
+    def to_dict(self) -> dict:
+        raw = asdict(self)
+        raw["eos_token_id"] = list(self.eos_token_id)
+        raw.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
+                   torch_dtype="float32")
+        return raw
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary embedding, half-split layout as in transformers (`rotate_half`)."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions (B, T) -> cos, sin (B, 1, T, head_dim)
+        freqs = positions[..., None].float() * self.inv_freq  # (B, T, head_dim/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
+        return emb.cos()[:, None], emb.sin()[:, None]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, hd)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: KVCache, layout: BlockLayout) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = cache.update(self.layer_idx, layout, k, v)  # (B, Hkv, S, hd) each
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask,
+                                             enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, hd)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg, layer_idx)
+        self.mlp = MLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, cache, layout):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, layout)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaBody(nn.Module):
+    """Embeddings, decoder layers and the final norm (transformers' `LlamaModel`)."""
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaBody(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache, layout: BlockLayout) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, hidden); K/V of every input are written
+        into `cache` at `layout`'s write positions."""
+        x = self.model.embed_tokens(input_ids)  # (B, T, D)
+        cos, sin = self.model.rotary(layout.positions)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, layout)
+        return self.model.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # --- Hugging Face directory layout -------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+        path = Path(path)
+        cfg = LlamaConfig.from_dict(json.loads((path / "config.json").read_text()))
+        model = cls(cfg)
+        model.load_state_dict_hf(load_file(str(path / "model.safetensors")))
+        return model.to(device=device, dtype=dtype).eval()
+
+    def load_state_dict_hf(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load transformers' parameter names; each one is mapped explicitly by `hf_names`."""
+        names = hf_names(self.config)
+        own = dict(self.named_parameters())
+        missing = [ours for ours, theirs in names.items() if theirs not in tensors
+                   and not (ours == "lm_head.weight" and self.config.tie_word_embeddings)]
+        if missing:
+            raise ValueError(f"checkpoint lacks {missing[:4]}{'...' if len(missing) > 4 else ''}")
+        with torch.no_grad():
+            for ours, theirs in names.items():
+                if theirs in tensors:
+                    param = own[ours]
+                    if param.shape != tensors[theirs].shape:
+                        raise ValueError(f"{theirs}: shape {tuple(tensors[theirs].shape)}, "
+                                         f"expected {tuple(param.shape)}")
+                    param.copy_(tensors[theirs])
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        own = dict(self.named_parameters())
+        tensors = {theirs: own[ours].detach().float().contiguous().cpu()
+                   for ours, theirs in hf_names(self.config).items()
+                   if not (ours == "lm_head.weight" and self.config.tie_word_embeddings)}
+        save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def hf_names(cfg: LlamaConfig) -> dict[str, str]:
+    """Our parameter name -> transformers' `LlamaForCausalLM` parameter name."""
+    names = {"model.embed_tokens.weight": "model.embed_tokens.weight",
+             "model.norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+    per_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+    per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    per_layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
+    if cfg.attention_bias:
+        per_layer += [f"self_attn.{p}_proj.bias" for p in "qkvo"]
+    if cfg.mlp_bias:
+        per_layer += [f"mlp.{p}_proj.bias" for p in ("gate", "up", "down")]
+    for i in range(cfg.num_hidden_layers):
+        for p in per_layer:
+            names[f"model.layers.{i}.{p}"] = f"model.layers.{i}.{p}"
+    return names
+
+
+def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
+    """Random initialisation (normal std for linears and embeddings) with a fixed seed."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def param_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+

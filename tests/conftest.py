@@ -1,0 +1,17 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+torch.set_num_threads(1)  # tests share a 2-core machine
+
+from models.bundle import random_bundle  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_bundle():
+    """Random target (2 layers, GQA 4:2), a 1-layer draft initialised from it, 4 draft heads."""
+    return random_bundle(vocab_size=96, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                         intermediate_size=128, std=0.3, seed=0)
