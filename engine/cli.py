@@ -1,0 +1,95 @@
+"""`spectts` command line. `spectts generate` runs the engine core on token ids."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from engine.sampling import SamplingParams
+from engine.types import ACCEPTS, DECODINGS, GenerationConfig
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--decoding", default="plain", help="|".join(DECODINGS))
+    p.add_argument("--accept", default="exact", help="|".join(ACCEPTS))
+    p.add_argument("--tau", type=int, default=3, help="heads + tolerance: top-τ / τ samples")
+    p.add_argument("--beta", type=float, default=0.4, help="draft + tolerance: SSD's β")
+    p.add_argument("--gamma", type=int, default=4, help="draft: tokens drafted per round")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-window", type=int, default=64)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, decoding=args.decoding, accept=args.accept,
+        tau=args.tau, beta=args.beta, gamma=args.gamma, seed=args.seed,
+        sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty,
+                                repetition_window=args.repetition_window))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spectts", description="SpecTTS: speculative-decoding TTS engine")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate token ids from prompt token ids")
+    gen.add_argument("--bundle", required=True, help="bundle or Hugging Face Llama directory")
+    gen.add_argument("--prompt-ids", type=_ids, required=True, help="e.g. 1,2,3")
+    gen.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    gen.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    gen.add_argument("--max-len", type=int, default=2048, help="KV cache length per sequence")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    add_generation_flags(gen)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.engine import Engine
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = generation_config(args)
+    engine = Engine.load(args.bundle, device=args.device, max_batch=1, max_len=args.max_len)
+    result = engine.generate(args.prompt_ids, cfg)
+    stats = result.stats.to_dict()
+    if args.json:
+        print(json.dumps({"tokens": result.tokens, "stats": stats,
+                          "finish_reason": result.finish_reason}))
+    else:
+        print(" ".join(map(str, result.tokens)))
+        print(f"{stats['tokens']} tokens, {stats['target_forwards']} target forwards, "
+              f"mean accepted length {stats['mean_accepted_length']:.2f}, "
+              f"{stats['gen_seconds']:.3f} s", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate}[args.command](args)
+    except (ValueError, OSError) as exc:
+        print(f"spectts {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
