@@ -23,11 +23,8 @@ class BlockLayout:
     slots: torch.Tensor  # (B,) cache slot of each sequence
     slot_range: tuple[int, int] | None  # (first, last+1) when slots are consecutive: read by slicing
     positions: torch.Tensor  # (B, T) rotary position of each new token
-    write_slot: torch.Tensor  # (M,) for each real (non-padding) new token: its slot ...
-    write_pos: torch.Tensor  # (M,) ... its index in the cache ...
-    src_b: torch.Tensor  # (M,) ... and where it sits in the (B, T) input
-    src_t: torch.Tensor  # (M,)
-    attn_mask: torch.Tensor  # (B, 1, T, S) bool, True = may attend
+    writes: list[tuple[int, int, int]]  # per sequence: (slot, first cache index, block length)
+    attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None: attend to all
     span: int  # S
 
 
@@ -93,33 +90,29 @@ class KVCache:
         span = max(start + len(par) for start, par in zip(starts, parents))
         positions = torch.zeros(B, T, dtype=torch.long)
         mask = torch.zeros(B, 1, T, span, dtype=torch.bool)
-        write_slot, write_pos, src_b, src_t = [], [], [], []
         for b, (s, start, par) in enumerate(zip(slots, starts, parents)):
             n = len(par)
             positions[b, :n] = start + torch.tensor(depths(par), dtype=torch.long)
             mask[b, 0, :n, :start] = True
             mask[b, 0, :n, start:start + n] = ancestor_mask(par)
             mask[b, 0, n:, 0] = True  # padding rows attend to one entry so softmax stays finite
-            write_slot += [s] * n
-            write_pos += range(start, start + n)
-            src_b += [b] * n
-            src_t += range(n)
         consecutive = slots == list(range(slots[0], slots[0] + B))
         dev = self.device
-        as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-        return BlockLayout(slots=as_long(slots),
+        return BlockLayout(slots=torch.tensor(slots, dtype=torch.long, device=dev),
                            slot_range=(slots[0], slots[0] + B) if consecutive else None,
-                           positions=positions.to(dev), write_slot=as_long(write_slot),
-                           write_pos=as_long(write_pos), src_b=as_long(src_b), src_t=as_long(src_t),
-                           attn_mask=mask.to(dev), span=span)
+                           positions=positions.to(dev),
+                           writes=[(s, start, len(par)) for s, start, par in zip(slots, starts, parents)],
+                           # one token of one sequence sees its whole prefix: no mask needed
+                           attn_mask=None if B == T == 1 else mask.to(dev), span=span)
 
     def update(self, layer: int, layout: BlockLayout, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the block's k, v (B, Hkv, T, hd) into the cache; return the keys and values that
         the block attends to, (B, Hkv, S, hd) each."""
         kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
-        kc[layout.write_slot, :, layout.write_pos] = k.transpose(1, 2)[layout.src_b, layout.src_t]
-        vc[layout.write_slot, :, layout.write_pos] = v.transpose(1, 2)[layout.src_b, layout.src_t]
+        for b, (slot, start, n) in enumerate(layout.writes):  # padding rows are not written
+            kc[slot, :, start:start + n] = k[b, :, :n]
+            vc[slot, :, start:start + n] = v[b, :, :n]
         if layout.slot_range is not None:
             first, end = layout.slot_range
             return kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]

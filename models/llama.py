@@ -88,18 +88,25 @@ class RMSNorm(nn.Module):
 
 
 class Rotary(nn.Module):
-    """Rotary embedding, half-split layout as in transformers (`rotate_half`)."""
+    """Rotary embedding, half-split layout as in transformers (`rotate_half`); cos/sin come from a
+    table that grows (by doubling) to the longest span seen, so a step only gathers rows."""
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("table", torch.zeros(0, 2, head_dim), persistent=False)
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions (B, T) -> cos, sin (B, 1, T, head_dim)
-        freqs = positions[..., None].float() * self.inv_freq  # (B, T, head_dim/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, head_dim)
-        return emb.cos()[:, None], emb.sin()[:, None]
+    def forward(self, positions: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions (B, T), all < span -> cos, sin (B, 1, T, head_dim)
+        if self.table.shape[0] < span:
+            n = max(span, 2 * self.table.shape[0], 256)
+            pos = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
+            freqs = pos[:, None] * self.inv_freq  # (n, head_dim/2)
+            emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
+            self.table = torch.stack((emb.cos(), emb.sin()), dim=1)  # (n, 2, head_dim)
+        rows = self.table[positions]  # (B, T, 2, head_dim)
+        return rows[:, None, :, 0], rows[:, None, :, 1]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -181,7 +188,7 @@ class LlamaForCausalLM(nn.Module):
         """input_ids (B, T) -> final hidden states (B, T, hidden); K/V of every input are written
         into `cache` at `layout`'s write positions."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.model.rotary(layout.positions)
+        cos, sin = self.model.rotary(layout.positions, layout.span)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, layout)
         return self.model.norm(x)

@@ -1,0 +1,151 @@
+"""Engine benchmark: tokens/s of every decoding mode and of transformers' `generate`, side by side.
+
+    .venv/bin/python -m bench.engine_bench [--bundle DIR] [--threads 1] [--max-new-tokens 300]
+
+Without --bundle a random-weight bundle shaped like the default voice is used (its draft heads and
+draft model are untrained, so acceptance is near zero: speed-ups need the trained voice). With a
+bundle that has a token layout, prompts are `[BOS] phonemes [SEP]` and decoding follows the
+interleaved rule (forced phonemes). Batch 1, CPU unless --device says otherwise. Prints a table and
+writes JSON to bench/results/engine.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from engine.engine import Engine, resolve_device
+from engine.rules import InterleavedRule, TokenRule
+from engine.sampling import SamplingParams
+from engine.types import GenerationConfig
+from models.bundle import Bundle, load_bundle, random_bundle
+
+MODES = [  # name, decoding, accept
+    ("plain", "plain", "exact"),
+    ("heads exact", "heads", "exact"),
+    ("heads tolerance", "heads", "tolerance"),
+    ("draft exact", "draft", "exact"),
+    ("draft tolerance", "draft", "tolerance"),
+]
+
+
+def make_prompts(bundle: Bundle, n: int, length: int, seed: int
+                 ) -> list[tuple[list[int], TokenRule | None]]:
+    gen = torch.Generator().manual_seed(seed)
+    t = bundle.tokens
+    out: list[tuple[list[int], TokenRule | None]] = []
+    for _ in range(n):
+        if t is None:
+            out.append((torch.randint(0, bundle.target.config.vocab_size, (length,),
+                                      generator=gen).tolist(), None))
+            continue
+        phonemes = torch.randint(t.phonemes[0], t.phonemes[1], (length,), generator=gen).tolist()
+        allowed = torch.zeros(bundle.target.config.vocab_size, dtype=torch.bool)
+        allowed[t.speech[0]:t.speech[1]] = True
+        allowed[t.eop] = True
+        out.append(([t.bos, *phonemes, t.sep], InterleavedRule(phonemes, allowed, t.eop, t.eos)))
+    return out
+
+
+def run_mode(engine: Engine, prompts, cfg: GenerationConfig) -> dict:
+    engine.generate(prompts[0][0], cfg, prompts[0][1])  # warm-up
+    rates, lengths, fwd_per_tok = [], [], []
+    for prompt, rule in prompts:
+        r = engine.generate(prompt, cfg, rule)
+        rates.append(r.stats.tokens / r.stats.gen_seconds)
+        lengths.append(r.stats.mean_accepted_length)
+        fwd_per_tok.append(r.stats.target_forwards / r.stats.tokens)
+    return {"tokens_per_s": statistics.median(rates),
+            "mean_accepted_length": statistics.median(lengths),
+            "target_forwards_per_token": statistics.median(fwd_per_tok)}
+
+
+def run_transformers(bundle: Bundle, prompts, max_new: int, device: torch.device) -> dict | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle.target.save_pretrained(tmp)
+        model = transformers.LlamaForCausalLM.from_pretrained(tmp, torch_dtype=torch.float32)
+    model = model.to(device).eval()
+    rates = []
+    with torch.inference_mode():
+        for i, (prompt, _) in enumerate([prompts[0], *prompts]):
+            ids = torch.tensor([prompt], device=device)
+            start = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=max_new, min_new_tokens=max_new,
+                                 pad_token_id=0)
+            seconds = time.perf_counter() - start
+            if i:  # the first run is a warm-up
+                rates.append((out.shape[1] - ids.shape[1]) / seconds)
+    return {"tokens_per_s": statistics.median(rates), "mean_accepted_length": 1.0,
+            "target_forwards_per_token": 1.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--bundle", default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-new-tokens", type=int, default=300)
+    ap.add_argument("--prompts", type=int, default=5)
+    ap.add_argument("--prompt-len", type=int, default=30)
+    ap.add_argument("--tau", type=int, default=3)
+    ap.add_argument("--beta", type=float, default=0.4)
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--out", default="bench/results/engine.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+
+    if args.bundle:
+        bundle = load_bundle(args.bundle, device)
+    else:
+        bundle = random_bundle(vocab_size=600, hidden_size=256, num_layers=5, num_heads=8,
+                               num_kv_heads=4, intermediate_size=768, draft_layers=1,
+                               num_draft_heads=4, std=0.05)
+        bundle.target.to(device)
+        bundle.draft.to(device)
+        bundle.heads.to(device)
+    engine = Engine(bundle, max_batch=1, max_len=4096)
+    prompts = make_prompts(bundle, args.prompts, args.prompt_len, seed=0)
+    # stop at the end of speech when a rule decides it; otherwise a fixed length for every mode
+    stop = bundle.tokens is not None
+    results: dict[str, dict] = {}
+    for name, decoding, accept in tqdm(MODES, desc="modes"):
+        if decoding == "heads" and bundle.heads is None or decoding == "draft" and bundle.draft is None:
+            continue
+        cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, decoding=decoding, accept=accept,
+                               tau=args.tau, beta=args.beta, gamma=args.gamma, seed=0,
+                               stop_on_eos=stop, sampling=SamplingParams())
+        results[name] = run_mode(engine, prompts, cfg)
+    hf = run_transformers(bundle, prompts, args.max_new_tokens, device)
+    if hf:
+        results["transformers generate"] = hf
+
+    base = results["plain"]["tokens_per_s"]
+    params = sum(p.numel() for p in bundle.target.parameters())
+    print(f"\nbundle: {args.bundle or 'random weights'} ({params / 1e6:.1f}M target params), "
+          f"device {device}, torch threads {torch.get_num_threads()}, batch 1, greedy, "
+          f"{args.prompts} prompts, median of each")
+    print(f"{'mode':24s} {'tokens/s':>10s} {'vs plain':>9s} {'accepted len':>13s} {'fwd/token':>10s}")
+    for name, r in results.items():
+        print(f"{name:24s} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / base:8.2f}x "
+              f"{r['mean_accepted_length']:13.2f} {r['target_forwards_per_token']:10.3f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"bundle": args.bundle, "device": str(device),
+                               "threads": torch.get_num_threads(), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
