@@ -128,15 +128,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: KVCache, layout: BlockLayout) -> torch.Tensor:
+                cache: KVCache | None, layout: BlockLayout | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values = cache.update(self.layer_idx, layout, k, v)  # (B, Hkv, S, hd) each
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask,
-                                             enable_gqa=self.n_heads != self.n_kv)  # (B, H, T, hd)
+        gqa = self.n_heads != self.n_kv
+        if cache is None:  # training: a causal pass over whole sequences (right padding only)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            keys, values = cache.update(self.layer_idx, layout, k, v)  # (B, Hkv, S, hd) each
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask,
+                                                 enable_gqa=gqa)  # (B, H, T, hd)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -184,11 +188,17 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache, layout: BlockLayout) -> torch.Tensor:
-        """input_ids (B, T) -> final hidden states (B, T, hidden); K/V of every input are written
-        into `cache` at `layout`'s write positions."""
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                layout: BlockLayout | None = None) -> torch.Tensor:
+        """input_ids (B, T) -> final hidden states (B, T, hidden). With a cache, K/V of every input
+        are written into it at `layout`'s positions and attention follows the layout's mask; without
+        one (training), each row is a whole sequence from position 0, causally masked."""
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
-        cos, sin = self.model.rotary(layout.positions, layout.span)
+        if layout is None:
+            T = input_ids.shape[1]
+            cos, sin = self.model.rotary(torch.arange(T, device=input_ids.device)[None], T)
+        else:
+            cos, sin = self.model.rotary(layout.positions, layout.span)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, layout)
         return self.model.norm(x)

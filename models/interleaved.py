@@ -1,0 +1,77 @@
+"""The interleaved (ELLA-V style) token layout of the speech LM.
+
+    [BOS] P1 … Pn [SEP] P1 s s s EOP P2 s s EOP … Pn s s EOP EOS
+
+The phoneme string first (global context), then each phoneme just before its own speech frames and an
+end-of-phoneme marker. At inference each phoneme and the final EOS are forced (`InterleavedRule`); the
+model decides only speech tokens and where each phoneme ends. Loss on speech tokens, EOP and EOS.
+
+Token ids: control tokens, then a reserved block of phoneme ids (the phoneme vocabulary may grow,
+append-only, without moving the speech ids), then the speech tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from engine.rules import InterleavedRule
+from models.bundle import TokenLayout
+
+PAD, BOS, SEP, EOP, EOS = 0, 1, 2, 3, 4
+PHONEME_BASE = 5
+PHONEME_SLOTS = 128
+SPEECH_BASE = PHONEME_BASE + PHONEME_SLOTS
+
+
+def token_layout(num_speech: int) -> TokenLayout:
+    return TokenLayout(phonemes=(PHONEME_BASE, PHONEME_BASE + PHONEME_SLOTS),
+                       speech=(SPEECH_BASE, SPEECH_BASE + num_speech),
+                       bos=BOS, sep=SEP, eop=EOP, eos=EOS)
+
+
+def vocab_size(num_speech: int) -> int:
+    return SPEECH_BASE + num_speech
+
+
+def prompt_ids(layout: TokenLayout, phonemes: list[int]) -> list[int]:
+    """Phoneme-vocabulary ids -> the prompt `[BOS] P1 … Pn [SEP]`."""
+    if any(not 0 <= p < layout.phonemes[1] - layout.phonemes[0] for p in phonemes):
+        raise ValueError("phoneme id outside the layout's phoneme block")
+    return [layout.bos, *(layout.phonemes[0] + p for p in phonemes), layout.sep]
+
+
+def rule(layout: TokenLayout, phonemes: list[int], vocab: int, max_frames: int = 0
+         ) -> InterleavedRule:
+    """The forced-token rule that generates `phonemes`' speech after `prompt_ids`."""
+    allowed = torch.zeros(vocab, dtype=torch.bool)
+    allowed[layout.speech[0]:layout.speech[1]] = True
+    allowed[layout.eop] = True
+    return InterleavedRule([layout.phonemes[0] + p for p in phonemes], allowed, layout.eop,
+                           layout.eos, max_frames=max_frames)
+
+
+def speech_tokens(layout: TokenLayout, generated: list[int]) -> list[int]:
+    """Generated LM tokens -> speech token ids (0-based codebook ids), control and phonemes dropped."""
+    lo, hi = layout.speech
+    return [t - lo for t in generated if lo <= t < hi]
+
+
+def training_sequence(phonemes: np.ndarray, durations: np.ndarray, tokens: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """One utterance -> (ids (L,), loss mask (L,)): mask[t] says whether ids[t] is a target
+    (speech, EOP or EOS), i.e. whether the prediction made at t - 1 is trained."""
+    ids = [BOS, *(PHONEME_BASE + int(p) for p in phonemes), SEP]
+    target = [False] * len(ids)
+    frame = 0
+    for p, d in zip(phonemes, durations):
+        ids.append(PHONEME_BASE + int(p))
+        target.append(False)  # forced at inference
+        ids.extend(SPEECH_BASE + int(t) for t in tokens[frame:frame + d])
+        target.extend([True] * int(d))
+        frame += int(d)
+        ids.append(EOP)
+        target.append(True)
+    ids.append(EOS)
+    target.append(False)  # forced after the last EOP
+    return np.asarray(ids, dtype=np.int64), np.asarray(target, dtype=bool)
