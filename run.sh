@@ -5,7 +5,24 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+system_packages() {
+    # espeak-ng: the teacher voice and the text frontend (libespeak-ng1); the rest: corpus sources
+    local need=()
+    [ -e /usr/lib/x86_64-linux-gnu/libespeak-ng.so.1 ] || ldconfig -p | grep -q libespeak-ng.so.1 || need+=(espeak-ng)
+    [ -d /usr/share/games/fortunes ] || need+=(fortune-mod fortunes fortunes-min)
+    [ -e /usr/share/dict/american-english ] || need+=(wamerican)
+    [ -e /usr/share/state/us-constitution.gz ] || need+=(miscfiles)
+    if ((${#need[@]})); then
+        if [ "$(id -u)" = 0 ]; then
+            apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+        else
+            echo "run.sh: please install the Debian packages: ${need[*]}" >&2
+        fi
+    fi
+}
+
 setup() {
+    system_packages
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
     fi
