@@ -233,12 +233,15 @@ class LlamaForCausalLM(nn.Module):
                                          f"expected {tuple(param.shape)}")
                     param.copy_(tensors[theirs])
 
-    def save_pretrained(self, path: str | Path) -> None:
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
+        """Write config.json + model.safetensors (stored in `dtype`; loading converts back)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+        raw = self.config.to_dict()
+        raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (path / "config.json").write_text(json.dumps(raw, indent=2))
         own = dict(self.named_parameters())
-        tensors = {theirs: own[ours].detach().float().contiguous().cpu()
+        tensors = {theirs: own[ours].detach().to(dtype).contiguous().cpu()
                    for ours, theirs in hf_names(self.config).items()
                    if not (ours == "lm_head.weight" and self.config.tie_word_embeddings)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,128 @@
+"""Text to speech with a voice bundle: frontend -> interleaved speech LM (the engine) -> vocoder.
+
+Text is split into sentences; each sentence is normalised, phonemised by espeak-ng, decoded by the
+engine under the interleaved rule (phonemes forced, the model decides speech frames and phoneme ends),
+and its speech tokens are vocoded. Sentences are independent, so long text streams sentence by sentence.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine.engine import Engine, resolve_device
+from engine.types import GenerationConfig, GenerationStats
+from models import interleaved
+from models.bundle import load_bundle
+
+DEFAULT_VOICE = Path(__file__).resolve().parents[1] / "models" / "default_voice"
+
+
+@dataclass
+class SentencePlan:
+    text: str
+    prompt: list[int]
+    phonemes: list[int]  # phoneme-vocabulary ids
+
+
+@dataclass
+class Speech:
+    audio: np.ndarray  # float32 mono
+    sample_rate: int
+    tokens: list[int]  # speech token ids (codebook ids), all sentences
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+    @property
+    def seconds(self) -> float:
+        return len(self.audio) / self.sample_rate
+
+
+def merge_stats(total: GenerationStats, part: GenerationStats) -> None:
+    for name in ("tokens", "target_forwards", "draft_forwards", "drafted", "accepted"):
+        setattr(total, name, getattr(total, name) + getattr(part, name))
+    for name in ("accepted_per_pos", "drafted_per_pos"):
+        mine, theirs = getattr(total, name), getattr(part, name)
+        mine += [0] * (len(theirs) - len(mine))
+        for i, v in enumerate(theirs):
+            mine[i] += v
+
+
+class TextToSpeech:
+    def __init__(self, bundle_path: str | Path = DEFAULT_VOICE, device: str = "cpu",
+                 max_batch: int = 8, max_len: int = 4096) -> None:
+        from models.frontend import Espeak, PhonemeVocab
+        from models.vocoder import CausalVocos
+
+        dev = resolve_device(device)
+        bundle = load_bundle(bundle_path, dev)
+        if bundle.tokens is None or "vocoder" not in bundle.raw or "frontend" not in bundle.raw:
+            raise ValueError(f"{bundle_path} is not a voice bundle (tokens, vocoder, frontend)")
+        self.engine = Engine(bundle, max_batch=max_batch, max_len=max_len)
+        self.layout = bundle.tokens
+        front = bundle.raw["frontend"]
+        self.espeak = Espeak(front.get("voice", "en-us"))
+        self.phoneme_vocab = PhonemeVocab.load(Path(bundle_path) / front["phonemes"])
+        self.vocoder = CausalVocos.load(Path(bundle_path) / bundle.raw["vocoder"], dev)
+        self.sample_rate = self.vocoder.cfg.sample_rate
+        self.max_frames = int(bundle.raw.get("max_frames_per_phoneme", 0))
+        self.name = bundle.raw.get("name", Path(bundle_path).name)
+
+    # --- text -> prompts -----------------------------------------------------------------------
+    def plan(self, text: str, max_chars: int = 300) -> list[SentencePlan]:
+        """Split and phonemise; ValueError when nothing speakable is left."""
+        from models.frontend import normalize, split_sentences
+
+        if not text or not text.strip():
+            raise ValueError("the input text is empty")
+        plans = []
+        for sentence in split_sentences(text, max_chars=max_chars):
+            names = self.espeak.phonemize(normalize(sentence))
+            ids = self.phoneme_vocab.to_ids(names)
+            if any(n not in ("_", "_:", "_!", "_|") for n in names):  # something besides pauses
+                plans.append(SentencePlan(sentence, interleaved.prompt_ids(self.layout, ids), ids))
+        if not plans:
+            raise ValueError("the input text has nothing speakable after normalisation")
+        return plans
+
+    def rule(self, plan: SentencePlan):
+        return interleaved.rule(self.layout, plan.phonemes, self.engine.vocab_size, self.max_frames)
+
+    def max_new_tokens(self, plan: SentencePlan) -> int:
+        """A hard cap: phonemes, markers and up to max_frames (or 50) frames per phoneme."""
+        return len(plan.phonemes) * (2 + (self.max_frames or 50)) + 2
+
+    def generation_config(self, plan: SentencePlan, cfg: GenerationConfig) -> GenerationConfig:
+        from dataclasses import replace
+        return replace(cfg, max_new_tokens=min(cfg.max_new_tokens, self.max_new_tokens(plan)),
+                       stop_on_eos=True)
+
+    # --- offline synthesis ----------------------------------------------------------------------
+    def synthesize(self, text: str, cfg: GenerationConfig = GenerationConfig(max_new_tokens=10**6)
+                   ) -> Speech:
+        start = time.perf_counter()
+        plans = self.plan(text)
+        total = GenerationStats()
+        tokens: list[int] = []
+        step = self.engine.cache.max_batch
+        for i in range(0, len(plans), step):  # sentences run as one batch, max_batch at a time
+            group = plans[i:i + step]
+            results = self.engine.generate_batch(
+                [p.prompt for p in group], [self.generation_config(p, cfg) for p in group],
+                [self.rule(p) for p in group])
+            for r in results:
+                merge_stats(total, r.stats)
+                tokens += interleaved.speech_tokens(self.layout, r.tokens)
+        audio = self.vocode(tokens)
+        total.gen_seconds = time.perf_counter() - start  # wall time, frontend and vocoder included
+        return Speech(audio=audio, sample_rate=self.sample_rate, tokens=tokens, stats=total)
+
+    @torch.inference_mode()
+    def vocode(self, tokens: list[int]) -> np.ndarray:
+        if not tokens:
+            return np.zeros(0, dtype=np.float32)
+        ids = torch.tensor([tokens], dtype=torch.long, device=next(self.vocoder.parameters()).device)
+        return self.vocoder(ids)[0].float().cpu().numpy().clip(-1, 1)

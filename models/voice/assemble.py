@@ -1,0 +1,87 @@
+"""Assemble the voice bundle from the trained parts (weights stored as float16 to fit the repo budget).
+
+    python -m models.voice.assemble --out models/default_voice
+
+Reads checkpoints/lm/export (target), checkpoints/drafts/heads_export (draft heads + measured
+accuracies), checkpoints/drafts/draft_export (draft model), checkpoints/vocoder/export (vocoder),
+data/voice (codebook, phoneme durations for the per-phoneme frame cap).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from models import interleaved
+from models.frontend import PhonemeVocab
+from models.llama import LlamaForCausalLM
+
+STORE = torch.float16
+
+
+def max_frames_per_phoneme(data: Path) -> int:
+    """Twice the longest phoneme seen in training: a cap that never binds on normal speech but
+    guarantees every generation ends."""
+    longest = max(int(np.load(s)["durations"].max()) for s in sorted((data / "shards").glob("train-*.npz")))
+    return 2 * longest
+
+
+def half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.to(STORE).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--lm", type=Path, default=Path("checkpoints/lm/export"))
+    ap.add_argument("--heads", type=Path, default=Path("checkpoints/drafts/heads_export"))
+    ap.add_argument("--draft", type=Path, default=Path("checkpoints/drafts/draft_export"))
+    ap.add_argument("--vocoder", type=Path, default=Path("checkpoints/vocoder/export"))
+    ap.add_argument("--data", type=Path, default=Path("data/voice"))
+    ap.add_argument("--out", type=Path, default=Path("models/default_voice"))
+    ap.add_argument("--tree-nodes", type=int, default=16)
+    args = ap.parse_args()
+
+    out = args.out
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    codebook = np.load(args.data / "codebook.npy")
+    layout = interleaved.token_layout(codebook.shape[0])
+    raw: dict = {"format": "spectts-bundle/1", "name": "espeak-en-us",
+                 "description": "SpecTTS default voice, trained here from espeak-ng en-us",
+                 "sample_rate": 22050, "target": "target",
+                 "tokens": {"phonemes": list(layout.phonemes), "speech": list(layout.speech),
+                            "bos": layout.bos, "sep": layout.sep, "eop": layout.eop, "eos": layout.eos},
+                 "max_frames_per_phoneme": max_frames_per_phoneme(args.data),
+                 "frontend": {"voice": "en-us", "phonemes": "phonemes.json"},
+                 "tokenizer": {"codebook": "tokenizer.safetensors", "frame_rate": 50},
+                 "vocoder": "vocoder"}
+    LlamaForCausalLM.from_pretrained(args.lm).save_pretrained(out / "target", dtype=STORE)
+    if (args.draft / "config.json").exists():
+        LlamaForCausalLM.from_pretrained(args.draft).save_pretrained(out / "draft", dtype=STORE)
+        raw["draft"] = "draft"
+    if (args.heads / "heads.safetensors").exists():
+        meta = json.loads((args.heads / "heads.json").read_text())
+        save_file(half(load_file(str(args.heads / "heads.safetensors"))), str(out / "heads.safetensors"))
+        raw["heads"] = {"file": "heads.safetensors", "num_heads": meta["num_heads"],
+                        "accuracies": meta["metrics"]["accuracies"], "tree_nodes": args.tree_nodes,
+                        "tree": None}
+    (out / "vocoder").mkdir()
+    save_file(half(load_file(str(args.vocoder / "vocoder.safetensors"))),
+              str(out / "vocoder" / "vocoder.safetensors"))
+    shutil.copy(args.vocoder / "vocoder.json", out / "vocoder" / "vocoder.json")
+    PhonemeVocab().save(out / "phonemes.json")
+    save_file({"centroids": torch.from_numpy(codebook)}, str(out / "tokenizer.safetensors"))
+    (out / "spectts.json").write_text(json.dumps(raw, indent=2) + "\n")
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"bundle written to {out}: {size / 1e6:.1f} MB")
+
+
+if __name__ == "__main__":
+    main()
