@@ -57,6 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-len", type=int, default=2048, help="KV cache length per sequence")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     add_generation_flags(gen)
+
+    syn = sub.add_parser("synth", help="text to a WAV file with a voice bundle")
+    syn.add_argument("text", nargs="?", help="the text to speak")
+    syn.add_argument("-o", "--output", default="out.wav", help="WAV file (single text)")
+    syn.add_argument("--text-file", help="one text per line; writes OUT_DIR/000.wav, 001.wav, …")
+    syn.add_argument("--out-dir", default="synth_out")
+    syn.add_argument("--bundle", default=None, help="voice bundle (default: the shipped voice)")
+    syn.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    syn.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    syn.add_argument("--json", action="store_true", help="print one JSON object per text")
+    add_generation_flags(syn)
+    syn.set_defaults(max_new_tokens=10**6)
     return parser
 
 
@@ -82,10 +94,45 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    import soundfile
+    import torch
+
+    from engine.tts import DEFAULT_VOICE, TextToSpeech
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if (args.text is None) == (args.text_file is None):
+        raise ValueError("give either a text or --text-file")
+    cfg = generation_config(args)
+    texts = ([args.text] if args.text is not None
+             else Path(args.text_file).read_text(encoding="utf-8").splitlines())
+    tts = TextToSpeech(args.bundle or DEFAULT_VOICE, device=args.device)
+    for text in texts:  # validate every line before speaking any
+        tts.plan(text)
+    for i, text in enumerate(texts):
+        start = time.perf_counter()
+        speech = tts.synthesize(text, cfg)
+        seconds = time.perf_counter() - start
+        path = Path(args.output) if args.text is not None else Path(args.out_dir) / f"{i:03d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(path, speech.audio, speech.sample_rate, subtype="PCM_16")
+        if args.json:
+            print(json.dumps({"text": text, "path": str(path), "tokens": speech.tokens,
+                              "audio_seconds": speech.seconds, "stats": speech.stats.to_dict()}))
+        else:
+            print(f"{path}: {speech.seconds:.2f} s of audio in {seconds:.2f} s "
+                  f"(mean accepted length {speech.stats.mean_accepted_length:.2f})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate}[args.command](args)
+        return {"generate": cmd_generate, "synth": cmd_synth}[args.command](args)
     except (ValueError, OSError) as exc:
         print(f"spectts {args.command}: error: {exc}", file=sys.stderr)
         return 2
