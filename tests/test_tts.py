@@ -1,0 +1,86 @@
+"""Text to speech end to end on a random-weight voice: every mode, bad input, the synth CLI."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+
+from engine.cli import main
+from engine.tts import TextToSpeech
+from engine.types import GenerationConfig
+
+BIG = 10**6
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_voice):
+    return TextToSpeech(tiny_voice, max_batch=4)
+
+
+def test_synthesize_gives_audio_for_every_sentence(tts):
+    speech = tts.synthesize("Hello world. How are you today?")
+    assert speech.sample_rate == 22050
+    assert len(speech.audio) == len(speech.tokens) * 441 > 0
+    assert np.isfinite(speech.audio).all() and np.abs(speech.audio).max() <= 1.0
+    # every phoneme gets at most max_frames (4) frames: generation always ends
+    n_phonemes = sum(len(p.phonemes) for p in tts.plan("Hello world. How are you today?"))
+    assert len(speech.tokens) <= 4 * n_phonemes
+
+
+def test_every_mode_runs_and_exact_modes_equal_plain(tts):
+    text = "The train leaves at 6:15 tomorrow."
+    plain = tts.synthesize(text, GenerationConfig(max_new_tokens=BIG)).tokens
+    for decoding, accept in [("heads", "exact"), ("draft", "exact"), ("heads", "tolerance"),
+                             ("draft", "tolerance"), ("heads", "lossless"), ("draft", "lossless")]:
+        out = tts.synthesize(text, GenerationConfig(max_new_tokens=BIG, decoding=decoding,
+                                                    accept=accept, seed=1))
+        assert len(out.audio) == len(out.tokens) * 441 > 0
+        if accept != "tolerance":  # greedy lossless is exact
+            assert out.tokens == plain
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t", "😀😀", "!!!", "\x00\x07"])
+def test_unspeakable_text_is_refused(tts, text):
+    with pytest.raises(ValueError):
+        tts.plan(text)
+
+
+def test_unspeakable_characters_inside_good_text_are_skipped(tts):
+    assert [p.phonemes for p in tts.plan("Hello 😀 world")] == \
+        [p.phonemes for p in tts.plan("Hello world")]
+
+
+def test_long_text_is_split_not_truncated(tts):
+    text = " ".join(["This sentence is one of many."] * 30)
+    plans = tts.plan(text)
+    assert len(plans) == 30
+
+
+def test_cli_synth_writes_wav(tiny_voice, tmp_path, capsys):
+    out = tmp_path / "hello.wav"
+    assert main(["synth", "Hello there.", "-o", str(out), "--bundle", str(tiny_voice)]) == 0
+    audio, rate = soundfile.read(out)
+    assert rate == 22050 and len(audio) > 0
+
+
+def test_cli_synth_text_file_json(tiny_voice, tmp_path, capsys):
+    lines = tmp_path / "in.txt"
+    lines.write_text("One line.\nAnother line here.\n")
+    code = main(["synth", "--text-file", str(lines), "--out-dir", str(tmp_path / "o"), "--json",
+                 "--bundle", str(tiny_voice), "--decoding", "heads", "--seed", "3"])
+    assert code == 0
+    rows = [json.loads(r) for r in capsys.readouterr().out.strip().splitlines()]
+    assert [r["text"] for r in rows] == ["One line.", "Another line here."]
+    for i, r in enumerate(rows):
+        assert (tmp_path / "o" / f"{i:03d}.wav").exists()
+        assert r["audio_seconds"] == pytest.approx(len(r["tokens"]) * 441 / 22050)
+        assert r["stats"]["target_forwards"] > 0 and r["stats"]["gen_seconds"] > 0
+
+
+@pytest.mark.parametrize("text", ["", "   ", "😀"])
+def test_cli_synth_bad_text_exits_2(tiny_voice, tmp_path, capsys, text):
+    code = main(["synth", text, "-o", str(tmp_path / "x.wav"), "--bundle", str(tiny_voice)])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err and "\n" not in err
