@@ -50,12 +50,14 @@ class Engine:
         if bundle.tokens is not None:
             eos.add(bundle.tokens.eos)
         self.eos = frozenset(eos)
-        self.default_tree = None
+        self.default_trees: dict[str, list] = {}  # accept rule -> tree shape
         if self.heads is not None:
             spec = bundle.heads_spec
-            acc = spec.accuracies or default_accuracies(spec.num_heads)
-            self.default_tree = (validate_shape(spec.tree, spec.num_heads) if spec.tree
-                                 else sparse_tree(acc, spec.tree_nodes))
+            exact = spec.accuracies or default_accuracies(spec.num_heads)
+            for accept, acc in (("exact", exact), ("lossless", exact),
+                                ("tolerance", spec.accuracies_tolerance or exact)):
+                self.default_trees[accept] = (validate_shape(spec.tree, spec.num_heads) if spec.tree
+                                              else sparse_tree(acc, spec.tree_nodes))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", max_batch: int = 8,
@@ -175,7 +177,8 @@ class Engine:
             head_logits = self.heads(torch.stack([seqs[b].last_hidden for b in by_heads])).cpu()
             for i, b in enumerate(by_heads):
                 s = seqs[b]
-                shape = list(s.cfg.tree) if s.cfg.tree is not None else self.default_tree
+                shape = (list(s.cfg.tree) if s.cfg.tree is not None
+                         else self.default_trees[s.cfg.accept])
                 tree = build_tree(head_logits[i], shape, s.rule, s.end_state, len(pending[b]) - 1)
                 cands[b] = tree.truncated(room[b])
         by_draft = [b for b, s in enumerate(seqs) if s.cfg.decoding == "draft"]

@@ -48,7 +48,8 @@ class TokenLayout:
 @dataclass(frozen=True)
 class HeadsSpec:
     num_heads: int
-    accuracies: list[list[float]] | None = None  # measured top-k accuracy of each head
+    accuracies: list[list[float]] | None = None  # [k][i]: P(head k+1's rank-i token is right)
+    accuracies_tolerance: list[list[float]] | None = None  # [k][i]: P(... is in the target's top-τ)
     tree_nodes: int = 64
     tree: list[tuple[int, ...]] | None = None  # explicit tree shape, else chosen from accuracies
 
@@ -86,6 +87,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu",
     if raw.get("heads"):
         h = raw["heads"]
         spec = HeadsSpec(num_heads=h["num_heads"], accuracies=h.get("accuracies"),
+                         accuracies_tolerance=h.get("accuracies_tolerance"),
                          tree_nodes=h.get("tree_nodes", 64),
                          tree=[tuple(p) for p in h["tree"]] if h.get("tree") else None)
         heads = DraftHeads(spec.num_heads, target.config.hidden_size, target.config.vocab_size)
@@ -110,7 +112,8 @@ def save_bundle(bundle: Bundle, path: str | Path, extra: dict | None = None) -> 
                    for k, v in bundle.heads.state_dict().items()}, str(path / "heads.safetensors"))
         s = bundle.heads_spec
         raw["heads"] = {"file": "heads.safetensors", "num_heads": s.num_heads,
-                        "accuracies": s.accuracies, "tree_nodes": s.tree_nodes,
+                        "accuracies": s.accuracies,
+                        "accuracies_tolerance": s.accuracies_tolerance, "tree_nodes": s.tree_nodes,
                         "tree": [list(p) for p in s.tree] if s.tree else None}
     if bundle.tokens is not None:
         t = bundle.tokens

@@ -70,7 +70,9 @@ def main() -> None:
         meta = json.loads((args.heads / "heads.json").read_text())
         save_file(half(load_file(str(args.heads / "heads.safetensors"))), str(out / "heads.safetensors"))
         raw["heads"] = {"file": "heads.safetensors", "num_heads": meta["num_heads"],
-                        "accuracies": meta["metrics"]["accuracies"], "tree_nodes": args.tree_nodes,
+                        "accuracies": meta["metrics"]["accuracies"],
+                        "accuracies_tolerance": meta["metrics"].get("accuracies_tolerance"),
+                        "tree_nodes": args.tree_nodes,
                         "tree": None}
     (out / "vocoder").mkdir()
     save_file(half(load_file(str(args.vocoder / "vocoder.safetensors"))),

@@ -27,13 +27,16 @@ from models.llama import LlamaForCausalLM
 from models.voice.train_lm import batches, collate, load_split, lr_at
 
 TOP_RANKS = 10
+TAU = 3  # tolerance accuracy: is the head's token among the LM's own top-τ at that position?
 
 
-def heads_loss(lm: LlamaForCausalLM, heads: DraftHeads, ids: torch.Tensor, mask: torch.Tensor
-               ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Sum over heads of the cross-entropy at target positions; also each head's (logits, targets)."""
+def heads_loss(lm: LlamaForCausalLM, heads: DraftHeads, ids: torch.Tensor, mask: torch.Tensor,
+               tau: int = 0) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]]:
+    """Sum over heads of the cross-entropy at target positions; also each head's (logits, targets,
+    the LM's own top-τ at the target position when tau > 0)."""
     with torch.no_grad():
         hidden = lm(ids)  # (B, T, D)
+        lm_top = lm.logits(hidden).topk(tau, -1).indices if tau else None  # (B, T, τ)
     total, outs = 0.0, []
     T = ids.shape[1]
     for k, head in enumerate(heads.heads, start=1):
@@ -44,7 +47,9 @@ def heads_loss(lm: LlamaForCausalLM, heads: DraftHeads, ids: torch.Tensor, mask:
         logits = head(hidden[:, :T - ahead][sel]).float()  # (N, V)
         targets = ids[:, ahead:][sel]
         total = total + F.cross_entropy(logits, targets)
-        outs.append((logits, targets))
+        # the LM's prediction of ids[t + k + 1] is made at position t + k
+        top = lm_top[:, k:T - 1][sel] if tau else None  # (N, τ)
+        outs.append((logits, targets, top))
     return total, outs
 
 
@@ -66,18 +71,22 @@ def evaluate(lm, model, what: str, valid, device) -> dict:
     model.eval()
     if what == "heads":
         hits = np.zeros((model.num_heads, TOP_RANKS))
+        tol_hits = np.zeros((model.num_heads, TOP_RANKS))
         counts = np.zeros(model.num_heads)
         for idx in batches(valid, 16384, np.random.default_rng(0)):
             ids, mask = collate(valid, idx, device)
-            _, outs = heads_loss(lm, model, ids, mask)
-            for k, (logits, targets) in enumerate(outs):
-                ranks = logits.topk(TOP_RANKS, -1).indices == targets[:, None]  # (N, R)
-                hits[k] += ranks.sum(0).cpu().numpy()
+            _, outs = heads_loss(lm, model, ids, mask, tau=TAU)
+            for k, (logits, targets, lm_top) in enumerate(outs):
+                ranked = logits.topk(TOP_RANKS, -1).indices  # (N, R)
+                hits[k] += (ranked == targets[:, None]).sum(0).cpu().numpy()
+                in_top = (ranked[:, :, None] == lm_top[:, None, :]).any(-1)  # (N, R)
+                tol_hits[k] += in_top.sum(0).cpu().numpy()
                 counts[k] += len(targets)
-        acc = hits / counts[:, None]
+        acc, tol = hits / counts[:, None], tol_hits / counts[:, None]
         model.train()
-        return {"accuracies": acc.round(4).tolist(),
-                "top1": acc[:, 0].round(4).tolist(), "top5": acc[:, :5].sum(1).round(4).tolist()}
+        return {"accuracies": acc.round(4).tolist(), "accuracies_tolerance": tol.round(4).tolist(),
+                "top1": acc[:, 0].round(4).tolist(), "top5": acc[:, :5].sum(1).round(4).tolist(),
+                "top1_in_lm_top3": tol[:, 0].round(4).tolist()}
     agree, n, kl = 0, 0, 0.0
     for idx in batches(valid, 16384, np.random.default_rng(0)):
         ids, mask = collate(valid, idx, device)
@@ -95,7 +104,7 @@ def main() -> None:
     ap.add_argument("--what", choices=["heads", "draft"], required=True)
     ap.add_argument("--data", type=Path, default=Path("data/voice"))
     ap.add_argument("--ckpt", type=Path, default=Path("checkpoints/drafts"))
-    ap.add_argument("--num-heads", type=int, default=4)
+    ap.add_argument("--num-heads", type=int, default=6)
     ap.add_argument("--draft-layers", type=int, default=1)
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=1)
