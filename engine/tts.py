@@ -51,6 +51,19 @@ def merge_stats(total: GenerationStats, part: GenerationStats) -> None:
             mine[i] += v
 
 
+def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]:
+    """Time-scale a frame stream by `speed` (2.0 = twice as fast) without changing pitch: output frame j
+    shows input frame floor(j * speed). `done` counts output frames already produced; returns the new
+    output frames available from `tokens` (all input frames so far) and the new count."""
+    if speed == 1.0:
+        return tokens[done:], len(tokens)
+    out = []
+    while int(done * speed) < len(tokens):
+        out.append(tokens[int(done * speed)])
+        done += 1
+    return out, done
+
+
 class TextToSpeech:
     def __init__(self, bundle_path: str | Path = DEFAULT_VOICE, device: str = "cpu",
                  max_batch: int = 8, max_len: int = 4096) -> None:
@@ -101,12 +114,12 @@ class TextToSpeech:
                        stop_on_eos=True)
 
     # --- offline synthesis ----------------------------------------------------------------------
-    def synthesize(self, text: str, cfg: GenerationConfig = GenerationConfig(max_new_tokens=10**6)
-                   ) -> Speech:
+    def synthesize(self, text: str, cfg: GenerationConfig = GenerationConfig(max_new_tokens=10**6),
+                   speed: float = 1.0) -> Speech:
         start = time.perf_counter()
         plans = self.plan(text)
         total = GenerationStats()
-        tokens: list[int] = []
+        tokens: list[list[int]] = []  # per sentence
         step = self.engine.cache.max_batch
         for i in range(0, len(plans), step):  # sentences run as one batch, max_batch at a time
             group = plans[i:i + step]
@@ -115,10 +128,13 @@ class TextToSpeech:
                 [self.rule(p) for p in group])
             for r in results:
                 merge_stats(total, r.stats)
-                tokens += interleaved.speech_tokens(self.layout, r.tokens)
-        audio = self.vocode(tokens)
+                frames = interleaved.speech_tokens(self.layout, r.tokens)
+                tokens.append(stretch(frames, speed, 0)[0])
+        # each sentence is vocoded on its own, as the streaming path does
+        audio = np.concatenate([self.vocode(t) for t in tokens])
         total.gen_seconds = time.perf_counter() - start  # wall time, frontend and vocoder included
-        return Speech(audio=audio, sample_rate=self.sample_rate, tokens=tokens, stats=total)
+        return Speech(audio=audio, sample_rate=self.sample_rate, tokens=[t for s in tokens for t in s],
+                      stats=total)
 
     @torch.inference_mode()
     def vocode(self, tokens: list[int]) -> np.ndarray:

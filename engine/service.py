@@ -1,0 +1,284 @@
+"""The speech service: text requests in, audio chunks out, the engine in its own thread.
+
+A `SpeechStream` is one request (one HTTP call or one WebSocket session): text arrives whole or in
+pieces (`add_text`, then `end_input`), each complete sentence is decoded as soon as it exists, and audio
+comes back as events on an asyncio queue. The engine thread runs every active sentence of every stream in
+one batched step, vocodes newly accepted tokens incrementally (a small first chunk for a low time to
+first audio, larger ones after), and never blocks the event loop. A failure inside one request fails that
+request only; cancelling (or a client disconnect) frees its cache slot at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import re
+import threading
+import time
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from engine.sequence import Sequence
+from engine.tts import SentencePlan, TextToSpeech, merge_stats, stretch
+from engine.types import GenerationConfig, GenerationStats
+from models import interleaved
+
+log = logging.getLogger("spectts.service")
+FINAL = ("done", "error", "cancelled")
+_SENTENCE_END = re.compile(r"[.!?;:][\"')\]]*\s+$|\n\s*$")
+
+
+class ServiceBusy(RuntimeError):
+    """The request queue is full (HTTP 503 with Retry-After)."""
+
+
+@dataclass
+class Event:
+    kind: str  # "sentence_start" | "audio" | "sentence_done", then one of FINAL
+    sentence_index: int = -1
+    audio: np.ndarray | None = None  # float32 mono, for "audio"
+    text: str = ""  # the sentence, for "sentence_start"
+    stats: dict | None = None  # for "sentence_done" and "done"
+    error: Exception | None = None  # for "error"
+
+
+@dataclass
+class _Sentence:
+    plan: SentencePlan
+    seq: Sequence
+    index: int
+    frames: list[int] = field(default_factory=list)  # speech tokens so far
+    emitted: int = 0  # stretched frames already sent to the vocoder
+    pending: list[int] = field(default_factory=list)  # stretched frames not yet vocoded
+
+
+class SpeechStream:
+    """One request. Async side: `events()`; any thread: `add_text`, `end_input`, `cancel`."""
+
+    def __init__(self, service: TTSService, cfg: GenerationConfig, speed: float,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.service, self.cfg, self.speed, self.loop = service, cfg, speed, loop
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._lock = threading.Lock()
+        self._text = ""  # received, not yet split into sentences
+        self._input_done = False
+        self.cancelled = False
+        self.closed = False  # a final event ("done" / "error") was sent
+        self.created = time.perf_counter()
+        self.first_audio: float | None = None  # seconds from creation to the first audio chunk
+        self.audio_seconds = 0.0
+        self.stats = GenerationStats()
+        self.sentences_started = 0
+        self.current: _Sentence | None = None
+        self.queued: list[SentencePlan] = []  # split, phonemised, not started
+        self.vocoder = None  # StreamingVocoder, created in the engine thread
+
+    # --- client side --------------------------------------------------------------------------
+    def add_text(self, text: str) -> None:
+        with self._lock:
+            self._text += text
+        self.service.wake()
+
+    def end_input(self) -> None:
+        with self._lock:
+            self._input_done = True
+        self.service.wake()
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        self.service.wake()
+
+    async def events(self):
+        """Yield events until a final one ("done", "error" or "cancelled")."""
+        while True:
+            event = await self._events.get()
+            yield event
+            if event.kind in FINAL:
+                return
+
+    # --- engine side --------------------------------------------------------------------------
+    def emit(self, event: Event) -> None:
+        if event.kind == "audio" and self.first_audio is None:
+            self.first_audio = time.perf_counter() - self.created
+        if event.kind in FINAL:
+            self.closed = True
+        try:
+            self.loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (client side shut down)
+            self.cancelled = True
+
+    def take_sentences(self) -> tuple[list[str], bool]:
+        """Complete sentences received so far, and whether the input has ended with none left."""
+        from models.frontend import split_sentences
+
+        with self._lock:
+            text, final = self._text, self._input_done
+            if not text.strip():
+                self._text = ""
+                return [], final
+            pieces = split_sentences(text)
+            if final or _SENTENCE_END.search(text):
+                self._text = ""
+                return pieces, final
+            if len(pieces) <= 1:
+                return [], False
+            self._text = pieces[-1]  # the unfinished sentence waits for more text
+            return pieces[:-1], False
+
+    def summary(self) -> dict:
+        wall = time.perf_counter() - self.created
+        return {**self.stats.to_dict(), "audio_seconds": self.audio_seconds,
+                "time_to_first_audio_seconds": self.first_audio, "wall_seconds": wall,
+                "real_time_factor": wall / self.audio_seconds if self.audio_seconds else None}
+
+
+class TTSService:
+    def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
+                 chunk_frames: int = 24) -> None:
+        self.tts = tts
+        self.max_active = tts.engine.cache.max_batch
+        self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
+        self._waiting: queue.Queue[SpeechStream] = queue.Queue(maxsize=queue_size)
+        self._active: list[SpeechStream] = []
+        self._wake = threading.Event()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="spectts-engine", daemon=True)
+        self.steps = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self.wake()
+        self._thread.join(timeout=10)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        return self._waiting.qsize()
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def open(self, cfg: GenerationConfig, speed: float = 1.0,
+             loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
+        """A new request; ServiceBusy when the queue is full."""
+        self.tts.engine.check([self.tts.layout.bos], cfg)  # ValueError for a bad config, now
+        stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop())
+        try:
+            self._waiting.put_nowait(stream)
+        except queue.Full:
+            raise ServiceBusy("the request queue is full") from None
+        self.wake()
+        return stream
+
+    # --- the engine thread --------------------------------------------------------------------
+    def _run(self) -> None:
+        from models.vocoder import StreamingVocoder
+
+        while not self._stop:
+            while len(self._active) < self.max_active and not self._waiting.empty():
+                stream = self._waiting.get_nowait()
+                stream.vocoder = StreamingVocoder(self.tts.vocoder)
+                self._active.append(stream)
+            for stream in list(self._active):
+                self._advance_input(stream)
+            running = [s for s in self._active if s.current is not None]
+            if not running:
+                self._wake.wait(timeout=0.05)
+                self._wake.clear()
+                continue
+            self._step([s.current.seq for s in running], running)
+            for stream in running:
+                if stream.current is not None:
+                    self._collect(stream)
+            self._active = [s for s in self._active if not s.closed]
+            self.steps += 1
+
+    def _advance_input(self, stream: SpeechStream) -> None:
+        """Start the stream's next sentence, finish or drop the stream."""
+        try:
+            if stream.cancelled:
+                self._close(stream, Event("cancelled", stats=stream.summary()))
+                return
+            if stream.current is not None:
+                return
+            sentences, final = stream.take_sentences()
+            for text in sentences:
+                stream.queued.extend(self.tts.plan(text))
+            if stream.queued:
+                plan = stream.queued.pop(0)
+                cfg = self.tts.generation_config(plan, stream.cfg)
+                seq = self.tts.engine.add(plan.prompt, cfg, self.tts.rule(plan))
+                stream.current = _Sentence(plan, seq, stream.sentences_started)
+                stream.sentences_started += 1
+                stream.emit(Event("sentence_start", stream.current.index, text=plan.text))
+            elif final:
+                self._close(stream, Event("done", stats=stream.summary()))
+        except Exception as exc:  # noqa: BLE001 — this request fails, the loop goes on
+            self._close(stream, Event("error", error=exc))
+
+    def _step(self, seqs: list[Sequence], streams: list[SpeechStream]) -> None:
+        try:
+            self.tts.engine.step(seqs)
+        except Exception:  # noqa: BLE001 — find the request at fault: step each alone
+            for seq, stream in zip(seqs, streams):
+                try:
+                    if not seq.finished:
+                        self.tts.engine.step([seq])
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("request failed inside the engine step")
+                    self._close(stream, Event("error", error=exc))
+
+    def _collect(self, stream: SpeechStream) -> None:
+        """Vocode what the current sentence has accepted; finish it when its sequence has ended."""
+        sent = stream.current
+        try:
+            sent.frames = interleaved.speech_tokens(self.tts.layout, sent.seq.generated)
+            new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
+            sent.pending += new
+            first = stream.first_audio is None and sent.index == 0
+            threshold = self.first_chunk_frames if first else self.chunk_frames
+            audio = []
+            if sent.pending and (len(sent.pending) >= threshold or sent.seq.finished):
+                audio.append(stream.vocoder.push(sent.pending))
+                sent.pending = []
+            if sent.seq.finished:
+                audio.append(stream.vocoder.flush())
+            chunk = np.concatenate(audio) if audio else np.zeros(0, np.float32)
+            if len(chunk):
+                stream.audio_seconds += len(chunk) / self.tts.sample_rate
+                stream.emit(Event("audio", sent.index, audio=np.clip(chunk, -1, 1)))
+            if sent.seq.finished:
+                merge_stats(stream.stats, sent.seq.stats)
+                stream.emit(Event("sentence_done", sent.index, stats=sent.seq.stats.to_dict()))
+                self.tts.engine.release(sent.seq)
+                stream.current = None
+        except Exception as exc:  # noqa: BLE001
+            log.exception("request failed while vocoding")
+            self._close(stream, Event("error", error=exc))
+
+    def _close(self, stream: SpeechStream, event: Event) -> None:
+        if stream.current is not None:
+            self.tts.engine.release(stream.current.seq)
+            stream.current = None
+        if not stream.closed:
+            stream.emit(event)
+        stream.closed = True
+
+    # --- convenience --------------------------------------------------------------------------
+    def speak(self, text: str, cfg: GenerationConfig, speed: float = 1.0,
+              loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
+        """A whole-text request."""
+        self.tts.plan(text)  # ValueError now for unspeakable text
+        stream = self.open(replace(cfg), speed, loop)
+        stream.add_text(text)
+        stream.end_input()
+        return stream

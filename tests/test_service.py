@@ -1,0 +1,126 @@
+"""The speech service: streamed audio equals offline synthesis; cancel, failures and a full queue."""
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from engine.service import ServiceBusy, TTSService
+from engine.tts import TextToSpeech, stretch
+from engine.types import GenerationConfig
+
+CFG = GenerationConfig(max_new_tokens=10**6, decoding="heads")
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_voice):
+    return TextToSpeech(tiny_voice, max_batch=3)
+
+
+@pytest.fixture()
+def service(tts):
+    svc = TTSService(tts, queue_size=2, first_chunk_frames=2, chunk_frames=5)
+    svc.start()
+    yield svc
+    svc.stop()
+
+
+async def collect(stream):
+    events = [e async for e in stream.events()]
+    audio = [e.audio for e in events if e.kind == "audio"]
+    return events, (np.concatenate(audio) if audio else np.zeros(0, np.float32))
+
+
+def test_streamed_audio_equals_offline(service, tts):
+    text = "Hello there. The train leaves at 6:15 tomorrow! Goodbye."
+
+    async def main():
+        return await collect(service.speak(text, CFG))
+
+    events, audio = asyncio.run(main())
+    offline = tts.synthesize(text, CFG).audio
+    assert len(audio) == len(offline)
+    assert np.abs(audio - offline).max() < 1e-4
+    kinds = [e.kind for e in events]
+    assert kinds[-1] == "done" and kinds.count("sentence_start") == 3
+    assert kinds.count("audio") > 3  # chunks, not one blob per sentence
+    stats = events[-1].stats
+    assert stats["time_to_first_audio_seconds"] > 0 and stats["audio_seconds"] > 0
+    assert tts.engine.cache.slots_in_use == 0
+
+
+def test_text_in_pieces_gives_the_same_audio(service):
+    text = "Speak this sentence now. And then this one."
+
+    async def main():
+        whole = await collect(service.speak(text, CFG))
+        stream = service.open(CFG)
+        for word in text.split(" "):
+            stream.add_text(word + " ")
+            await asyncio.sleep(0)
+        stream.end_input()
+        return whole, await collect(stream)
+
+    (_, a), (events, b) = asyncio.run(main())
+    assert np.array_equal(a, b)
+    assert [e.text for e in events if e.kind == "sentence_start"] == \
+        ["Speak this sentence now.", "And then this one."]
+
+
+def test_cancel_frees_the_slot(service, tts):
+    async def main():
+        stream = service.speak(" ".join(["A long sentence to be cut short."] * 6), CFG)
+        async for event in stream.events():
+            if event.kind == "audio":
+                stream.cancel()
+            last = event
+        return last
+
+    last = asyncio.run(main())
+    assert last.kind == "cancelled"
+    assert tts.engine.cache.slots_in_use == 0
+
+
+def test_a_failing_request_does_not_stop_others(service, tts):
+    async def main():
+        good = service.speak("This one works fine.", CFG)
+        bad = service.open(CFG)
+        bad.add_text("Fine text, ")
+        bad.queued.append(None)  # a broken plan: fails inside the engine thread
+        bad.end_input()
+        return await asyncio.gather(collect(good), collect(bad))
+
+    (good_events, good_audio), (bad_events, _) = asyncio.run(main())
+    assert good_events[-1].kind == "done" and len(good_audio) > 0
+    assert bad_events[-1].kind == "error"
+    assert tts.engine.cache.slots_in_use == 0
+
+
+def test_full_queue_is_refused(tts):
+    svc = TTSService(tts, queue_size=1)  # not started: nothing leaves the queue
+
+    async def main():
+        svc.speak("One.", CFG)
+        with pytest.raises(ServiceBusy):
+            svc.speak("Two.", CFG)
+
+    asyncio.run(main())
+
+
+def test_bad_config_is_refused_before_queueing(service):
+    async def main():
+        with pytest.raises(ValueError):
+            service.speak("Hello.", GenerationConfig(decoding="nope"))
+        with pytest.raises(ValueError):
+            service.speak("   ", CFG)
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("speed", [0.5, 1.0, 1.5, 3.0])
+def test_stretch_changes_length_by_speed(speed):
+    frames = list(range(100))
+    out, done = stretch(frames[:37], speed, 0)
+    more, done = stretch(frames, speed, done)
+    assert out + more == stretch(frames, speed, 0)[0]
+    assert abs(len(out + more) - 100 / speed) <= 1
