@@ -117,7 +117,8 @@ def main() -> None:
         jobs = jobs[:args.limit]
     todo = [j for j in jobs if not j[1].exists()]
     t0 = time.time()
-    with mp.get_context("spawn").Pool(args.workers) as pool:
+    # a fresh process per shard: espeak-ng keeps state across calls, so this makes shards reproducible
+    with mp.get_context("spawn").Pool(args.workers, maxtasksperchild=1) as pool:
         for _ in tqdm(pool.imap_unordered(synth_shard, todo), total=len(todo), desc="synthesise"):
             pass
     print(f"synthesis: {time.time() - t0:.0f} s")
