@@ -1,0 +1,86 @@
+"""Rebuild the default voice from scratch, one command, resumable:
+
+    .venv/bin/python -m models.voice.recipe [--threads 2] [--out models/default_voice]
+
+Stages (each skips what is already done, training stages resume from their checkpoints; times are
+for 2 CPU cores):
+  1. corpus     ~40k English sentences (fortunes, word lists, templates, public-domain prose)  ~1 min
+  2. prepare    espeak-ng audio, phoneme alignment, log-mel, k-means K=512 tokens (~42 h)      ~6 min
+  3. vocoder    causal Vocos from tokens to waveform                                           ~25 min
+  4. lm         interleaved speech LM (ELLA-V layout)                                          hours
+  5. heads      draft heads on the frozen LM                                                   ~20 min
+  6. draft      one-layer draft model distilled from the LM                                    ~20 min
+  7. assemble   float16 bundle in --out
+Interrupt at any time; run the same command again to go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def run(stage: str, args: list[str], threads: int) -> None:
+    start = time.time()
+    print(f"== {stage}: {' '.join(args)}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", *args], check=True, env=env)
+    print(f"== {stage} took {(time.time() - start) / 60:.1f} min", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data", default="data/voice")
+    ap.add_argument("--out", default="models/default_voice")
+    ap.add_argument("--vocoder-steps", type=int, default=1500)
+    ap.add_argument("--lm-steps", type=int, default=20000)
+    ap.add_argument("--heads-steps", type=int, default=1500)
+    ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--until", default="assemble", help="stop after this stage")
+    args = ap.parse_args()
+    data, t, dev = Path(args.data), str(args.threads), args.device
+    forever = ["--minutes", "100000"]
+    stages = [
+        ("corpus", ["models.voice.corpus", "--out", str(data / "corpus.txt")],
+         (data / "corpus.txt").exists()),
+        ("prepare", ["models.voice.prepare", "--corpus", str(data / "corpus.txt"), "--out", str(data),
+                     "--workers", t], False),  # resumes by itself
+        ("vocoder", ["models.voice.train_vocoder", "--data", str(data), "--ckpt",
+                     "checkpoints/vocoder", "--out", "checkpoints/vocoder/export", "--threads", t,
+                     "--device", dev, "--total-steps", str(args.vocoder_steps), *forever],
+         Path("checkpoints/vocoder/export/vocoder.safetensors").exists()),
+        ("lm", ["models.voice.train_lm", "--data", str(data), "--ckpt", "checkpoints/lm",
+                "--threads", t, "--device", dev, "--total-steps", str(args.lm_steps), *forever], False),
+        ("lm-export", ["models.voice.train_lm", "--data", str(data), "--ckpt", "checkpoints/lm",
+                       "--export", "checkpoints/lm/export"], False),
+        ("heads", ["models.voice.train_drafts", "--what", "heads", "--data", str(data),
+                   "--lm", "checkpoints/lm/export", "--threads", t, "--device", dev,
+                   "--total-steps", str(args.heads_steps), *forever], False),
+        ("heads-export", ["models.voice.train_drafts", "--what", "heads", "--lm",
+                          "checkpoints/lm/export", "--export", "checkpoints/drafts/heads_export"],
+         False),
+        ("draft", ["models.voice.train_drafts", "--what", "draft", "--data", str(data),
+                   "--lm", "checkpoints/lm/export", "--threads", t, "--device", dev,
+                   "--total-steps", str(args.draft_steps), *forever], False),
+        ("draft-export", ["models.voice.train_drafts", "--what", "draft", "--lm",
+                          "checkpoints/lm/export", "--export", "checkpoints/drafts/draft_export"],
+         False),
+        ("assemble", ["models.voice.assemble", "--data", str(data), "--out", args.out], False),
+    ]
+    for name, cmd, done in stages:
+        if done:
+            print(f"== {name}: done already")
+        else:
+            run(name, cmd, args.threads)
+        if name == args.until:
+            break
+
+
+if __name__ == "__main__":
+    main()
