@@ -24,6 +24,7 @@ from tqdm import tqdm
 from engine.engine import Engine, resolve_device
 from engine.rules import InterleavedRule, TokenRule
 from engine.sampling import SamplingParams
+from engine.tree import default_accuracies, sparse_tree
 from engine.types import GenerationConfig
 from models.bundle import Bundle, load_bundle, random_bundle
 
@@ -38,6 +39,14 @@ MODES = [  # name, decoding, accept
 
 def make_prompts(bundle: Bundle, n: int, length: int, seed: int
                  ) -> list[tuple[list[int], TokenRule | None]]:
+    """A voice bundle: its frontend on held-out sentences; otherwise random token prompts."""
+    if "frontend" in bundle.raw:
+        from engine.tts import TextToSpeech
+        from models.voice.corpus import load_eval_sentences
+
+        tts = TextToSpeech(bundle.path, max_batch=1)
+        plans = [p for text in load_eval_sentences()[:n] for p in tts.plan(text)]
+        return [(p.prompt, tts.rule(p)) for p in plans]
     gen = torch.Generator().manual_seed(seed)
     t = bundle.tokens
     out: list[tuple[list[int], TokenRule | None]] = []
@@ -102,6 +111,7 @@ def main() -> None:
     ap.add_argument("--tau", type=int, default=3)
     ap.add_argument("--beta", type=float, default=0.4)
     ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--tree-nodes", default="", help="also sweep heads trees of these sizes, e.g. 4,8,16,32")
     ap.add_argument("--out", default="bench/results/engine.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,6 +138,15 @@ def main() -> None:
                                tau=args.tau, beta=args.beta, gamma=args.gamma, seed=0,
                                stop_on_eos=stop, sampling=SamplingParams())
         results[name] = run_mode(engine, prompts, cfg)
+    for n in [int(x) for x in args.tree_nodes.split(",") if x]:
+        for accept in ("exact", "tolerance"):
+            acc = engine.bundle.heads_spec.accuracies if accept == "exact" else (
+                engine.bundle.heads_spec.accuracies_tolerance or engine.bundle.heads_spec.accuracies)
+            tree = tuple(sparse_tree(acc or default_accuracies(engine.heads.num_heads), n))
+            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, decoding="heads",
+                                   accept=accept, tau=args.tau, tree=tree, seed=0,
+                                   stop_on_eos=stop, sampling=SamplingParams())
+            results[f"heads {accept} {n} nodes"] = run_mode(engine, prompts, cfg)
     hf = run_transformers(bundle, prompts, args.max_new_tokens, device)
     if hf:
         results["transformers generate"] = hf
