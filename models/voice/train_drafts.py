@@ -114,6 +114,8 @@ def main() -> None:
     ap.add_argument("--total-steps", type=int, default=4000)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--export", type=Path, default=None, help="write the trained part here and exit")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="train in float32 (default: bfloat16 autocast)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -152,10 +154,12 @@ def main() -> None:
             for group in opt.param_groups:
                 group["lr"] = lr_at(state["step"], args.lr, 100, args.total_steps)
             ids, mask = collate(train, order[bi], device)
-            if args.what == "heads":
-                loss, _ = heads_loss(lm, model, ids, mask)
-            else:
-                loss, _, _ = draft_loss(lm, model, ids, mask)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                if args.what == "heads":
+                    loss, _ = heads_loss(lm, model, ids, mask)
+                else:
+                    loss, _, _ = draft_loss(lm, model, ids, mask)
+                loss = loss.float()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

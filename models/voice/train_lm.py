@@ -70,12 +70,14 @@ def collate(seqs, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), mask.to(device)
 
 
-def step_loss(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor
+def step_loss(model: LlamaForCausalLM, ids: torch.Tensor, mask: torch.Tensor, bf16: bool = False
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean cross-entropy over target positions; also (logits, targets) at those positions."""
-    hidden = model(ids[:, :-1])  # (B, T-1, D)
-    sel = mask[:, 1:]  # prediction at t is trained iff ids[t + 1] is a target
-    logits = model.logits(hidden[sel])  # (N, V)
+    """Mean cross-entropy over target positions; also (logits, targets) at those positions.
+    bf16: matmuls under bfloat16 autocast (weights and optimiser stay float32)."""
+    with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = model(ids[:, :-1])  # (B, T-1, D)
+        sel = mask[:, 1:]  # prediction at t is trained iff ids[t + 1] is a target
+        logits = model.logits(hidden[sel])  # (N, V) float32
     targets = ids[:, 1:][sel]  # (N,)
     return F.cross_entropy(logits, targets), logits, targets
 
@@ -124,6 +126,8 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--save-every-minutes", type=float, default=4.0)
     ap.add_argument("--export", type=Path, default=None, help="write the model here and exit")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
+                    help="train in float32 (default: bfloat16 autocast, ~1.5x faster on AVX-512 CPUs)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -169,7 +173,7 @@ def main() -> None:
             for group in opt.param_groups:
                 group["lr"] = lr_at(state["step"], args.lr, args.warmup, args.total_steps)
             ids, mask = collate(train, order[bi], device)
-            loss, _, _ = step_loss(model, ids, mask)
+            loss, _, _ = step_loss(model, ids, mask, bf16=args.bf16)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
