@@ -43,8 +43,8 @@ case "${1:-}" in
         ;;
     serve)
         setup
-        echo "run.sh serve: the HTTP server is not built yet (issue 6); use 'spectts generate'" >&2
-        exit 1
+        shift
+        exec .venv/bin/spectts serve --host 0.0.0.0 --port 8000 "$@"
         ;;
     *)
         echo "usage: bash run.sh test|serve" >&2

@@ -7,6 +7,7 @@ import json
 import sys
 
 from engine.sampling import SamplingParams
+from server.cli import add_serve_parser, cmd_serve
 from engine.types import ACCEPTS, DECODINGS, GenerationConfig
 
 
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--json", action="store_true", help="print one JSON object per text")
     add_generation_flags(syn)
     syn.set_defaults(max_new_tokens=10**6)
+    add_serve_parser(sub)
     return parser
 
 
@@ -132,7 +134,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "synth": cmd_synth}[args.command](args)
+        return {"generate": cmd_generate, "synth": cmd_synth, "serve": cmd_serve}[args.command](args)
     except (ValueError, OSError) as exc:
         print(f"spectts {args.command}: error: {exc}", file=sys.stderr)
         return 2

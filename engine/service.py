@@ -186,10 +186,14 @@ class TTSService:
         while not self._stop:
             while len(self._active) < self.max_active and not self._waiting.empty():
                 stream = self._waiting.get_nowait()
+                if stream.cancelled:  # left while waiting: never takes a slot
+                    self._close(stream, Event("cancelled", stats=stream.summary()))
+                    continue
                 stream.vocoder = StreamingVocoder(self.tts.vocoder)
                 self._active.append(stream)
             for stream in list(self._active):
                 self._advance_input(stream)
+            self._active = [s for s in self._active if not s.closed]
             running = [s for s in self._active if s.current is not None]
             if not running:
                 self._wake.wait(timeout=0.05)

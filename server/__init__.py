@@ -1,0 +1,1 @@
+"""SpecTTS HTTP and WebSocket server: an OpenAI-compatible speech API over `engine.service`."""

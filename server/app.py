@@ -1,0 +1,84 @@
+"""The FastAPI application: `create_app(settings, service=None)`.
+
+At startup the lifespan loads the voice in a worker thread (the server already answers /health, and
+/ready says 503), warms it up with one short synthesis, then starts the engine thread; /ready turns
+200. Tests may pass a pre-built, started `TTSService` instead: the app is ready at once and leaves
+the service's lifecycle to its owner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from engine.service import TTSService
+from server import errors, routes_http, routes_ws
+from server.middleware import ServerMiddleware
+from server.settings import Settings
+from server.speech import ServerState, default_config
+
+log = logging.getLogger("spectts.server")
+WARMUP_TEXT = "Ready."
+
+
+def load_service(settings: Settings) -> TTSService:
+    """Load the voice, warm it up and start the engine thread (blocking: run it in a thread)."""
+    import torch
+
+    from engine.engine import resolve_device
+    from engine.tts import TextToSpeech
+
+    device = resolve_device(settings.device)
+    threads = settings.torch_threads(device.type)
+    if threads:
+        torch.set_num_threads(threads)
+    tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
+                       max_len=settings.max_len)
+    tts.synthesize(WARMUP_TEXT, default_config(settings, tts))  # also checks the default decoding
+    service = TTSService(tts, queue_size=settings.queue_size)
+    service.start()
+    log.info("voice %r loaded from %s on %s (%s torch threads)", tts.name, settings.bundle, device,
+             torch.get_num_threads())
+    return service
+
+
+async def _load(state: ServerState) -> None:
+    try:
+        state.attach(await asyncio.to_thread(load_service, state.settings), owned=True)
+    except Exception as exc:  # noqa: BLE001 — reported by /health and /ready
+        log.exception("loading the voice failed")
+        state.load_error = exc
+
+
+def create_app(settings: Settings | None = None, service: TTSService | None = None) -> FastAPI:
+    """The app. `service`: a started TTSService to use instead of loading `settings.bundle`."""
+    settings = settings or Settings()
+    state = ServerState(settings)
+    if service is not None:
+        state.attach(service, owned=False)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        task = asyncio.create_task(_load(state)) if state.service is None else None
+        try:
+            yield
+        finally:
+            if task is not None and not task.done():
+                task.cancel()  # the loading thread finishes on its own; nothing will use it
+            if state.owns_service and state.service is not None:
+                await asyncio.to_thread(state.service.stop)
+
+    app = FastAPI(title="SpecTTS", version="0.1.0", lifespan=lifespan,
+                  description="Low-latency text to speech with speculative decoding; "
+                              "OpenAI-compatible speech API")
+    app.state.spectts = state
+    errors.install(app)
+    app.include_router(routes_http.router)
+    app.include_router(routes_ws.router)
+    paths = {r.path for r in (*routes_http.router.routes, *routes_ws.router.routes)}
+    paths |= {app.openapi_url, app.docs_url, app.redoc_url}
+    app.add_middleware(ServerMiddleware, state=state, routes=frozenset(paths))
+    return app

@@ -1,0 +1,113 @@
+"""Prometheus metrics (prefix spectts_, units in names), one CollectorRegistry per app.
+
+Updated from the service's events: every finished sentence ("sentence_done" stats) adds its tokens,
+target forwards and drafted / accepted counts; every finished request ("done") observes its time to
+first audio and real-time factor. Gauges read the service when scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811, F401
+
+from engine.service import Event, TTSService
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
+_LENGTH_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
+
+
+class Metrics:
+    def __init__(self, service: Callable[[], TTSService | None]) -> None:
+        """`service` returns the running service, or None before the model has loaded."""
+        self.registry = r = CollectorRegistry()
+        self._service = service
+        self.requests = Counter(
+            "spectts_requests", "Requests by route and HTTP status (WebSocket sessions: 200 done, "
+            "400 refused, 499 cancelled by the client, 500 failed). Error ratio: "
+            "sum(rate(spectts_requests_total{status=~\"5..\"}[5m])) / "
+            "sum(rate(spectts_requests_total[5m]))", ["route", "status"], registry=r)
+        self.queue_depth = Gauge("spectts_queue_depth_requests",
+                                 "Requests waiting for a decoding slot", registry=r)
+        self.active = Gauge("spectts_active_requests",
+                            "Requests being decoded (at most the engine's max batch)", registry=r)
+        self.slots = Gauge("spectts_kv_cache_slots_in_use",
+                           "KV cache slots held by sequences; utilisation: "
+                           "spectts_kv_cache_slots_in_use / spectts_kv_cache_slots", registry=r)
+        self.slots_total = Gauge("spectts_kv_cache_slots", "KV cache slots (the engine's max batch)",
+                                 registry=r)
+        self.queue_depth.set_function(lambda: self._read(lambda s: s.waiting))
+        self.active.set_function(lambda: self._read(lambda s: s.active))
+        self.slots.set_function(lambda: self._read(lambda s: s.tts.engine.cache.slots_in_use))
+        self.slots_total.set_function(lambda: self._read(lambda s: s.tts.engine.cache.max_batch))
+        self.ttfa = Histogram("spectts_time_to_first_audio_seconds",
+                              "Time from accepting a request to its first audio chunk",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.duration = Histogram("spectts_request_duration_seconds",
+                                  "Time to serve a request, until its last byte",
+                                  ["route"], buckets=_DURATION_BUCKETS, registry=r)
+        self.rtf = Histogram("spectts_real_time_factor_ratio",
+                             "Wall time / audio duration per request (< 1: faster than real time)",
+                             buckets=_RTF_BUCKETS, registry=r)
+        self.audio = Counter("spectts_audio_seconds", "Seconds of audio generated", registry=r)
+        self.tokens = Counter("spectts_generated_tokens",
+                              "Speech-LM tokens generated (forced phoneme tokens included). Mean "
+                              "accepted length: rate(spectts_generated_tokens_total[5m]) / "
+                              "rate(spectts_target_forwards_total[5m])", registry=r)
+        self.forwards = Counter("spectts_target_forwards",
+                                "Target model forwards (prefill included)", registry=r)
+        self.drafted = Counter("spectts_spec_decode_num_draft_tokens",
+                               "Draft tokens proposed (forced tokens excluded). Acceptance rate: "
+                               "rate(spectts_spec_decode_num_accepted_tokens_total[5m]) / "
+                               "rate(spectts_spec_decode_num_draft_tokens_total[5m])", registry=r)
+        self.accepted = Counter("spectts_spec_decode_num_accepted_tokens",
+                                "Draft tokens accepted by verification", registry=r)
+        self.accepted_pos = Counter(
+            "spectts_spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by depth (position 0: the first drafted token). Acceptance at a "
+            "position: rate(spectts_spec_decode_num_accepted_tokens_per_pos_total{position=\"k\"}[5m])"
+            " / rate(spectts_spec_decode_num_draft_tokens_per_pos_total{position=\"k\"}[5m])",
+            ["position"], registry=r)
+        self.drafted_pos = Counter("spectts_spec_decode_num_draft_tokens_per_pos",
+                                   "Draft tokens proposed by depth (position 0: the first)",
+                                   ["position"], registry=r)
+        self.accepted_length = Histogram(
+            "spectts_accepted_length_tokens", "Mean tokens per target forward, one observation per "
+            "sentence (the bonus token included; plain decoding: 1)",
+            buckets=_LENGTH_BUCKETS, registry=r)
+
+    def _read(self, get: Callable[[TTSService], float]) -> float:
+        service = self._service()
+        return float(get(service)) if service is not None else 0.0
+
+    def observe(self, event: Event) -> None:
+        """Count what one service event tells."""
+        stats = event.stats or {}
+        if event.kind == "sentence_done":
+            self.tokens.inc(stats.get("tokens", 0))
+            self.forwards.inc(stats.get("target_forwards", 0))
+            self.drafted.inc(stats.get("drafted", 0))
+            self.accepted.inc(stats.get("accepted", 0))
+            for pos, n in enumerate(stats.get("accepted_per_pos", [])):
+                self.accepted_pos.labels(str(pos)).inc(n)
+            for pos, n in enumerate(stats.get("drafted_per_pos", [])):
+                self.drafted_pos.labels(str(pos)).inc(n)
+            if stats.get("target_forwards"):
+                self.accepted_length.observe(stats["mean_accepted_length"])
+        elif event.kind in ("done", "cancelled"):
+            if stats.get("audio_seconds"):
+                self.audio.inc(stats["audio_seconds"])
+            if stats.get("time_to_first_audio_seconds") is not None:
+                self.ttfa.observe(stats["time_to_first_audio_seconds"])
+            if event.kind == "done" and stats.get("real_time_factor") is not None:
+                self.rtf.observe(stats["real_time_factor"])
+
+    def request(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.duration.labels(route).observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,200 @@
+"""WebSocket /v1/audio/speech/stream: text in pieces (from an LLM, word by word), audio out per
+sentence as soon as each sentence is complete — the protocol vLLM-Omni serves at the same path.
+
+Client -> server (JSON text frames, each with a "type"):
+    {"type": "session.config", ...}   the HTTP request's fields except input (model, voice, speed,
+                                      decoding, accept, tau, beta, temperature, top_k, seed, ...);
+                                      stays in effect for every later session on the socket
+    {"type": "input.text", "text": "..."}   any number; the first one starts a session
+    {"type": "input.done"}            no more text: speak the rest, then end the session
+    {"type": "cancel"}                stop the running session now
+Server -> client:
+    {"type": "audio.start", "sentence_index": i, "sentence_text": "...", "format": "pcm_s16le",
+     "sample_rate": N, "channels": 1}
+    binary frames: PCM16 LE mono of sentence i, as soon as the engine accepts it
+    {"type": "audio.done", "sentence_index": i, "stats": {...}}
+    {"type": "session.done", "status": "completed" | "cancelled" | "error", "stats": {...}}
+        (tokens, mean_accepted_length, time_to_first_audio_seconds, real_time_factor, ...)
+    {"type": "error", "error": {"message", "type", "param", "code"}}   a refused message or a failed
+        session; the socket stays open for the next one.
+A client that disconnects stops its generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+from pydantic import ValidationError
+from starlette.datastructures import Headers
+
+from engine.service import Event, SpeechStream
+from server import errors
+from server.audio import pcm16
+from server.middleware import authorized
+from server.schemas import InputText, SessionConfig
+from server.speech import Guard, ServerState
+
+log = logging.getLogger("spectts.server")
+router = APIRouter()
+ROUTE = "/v1/audio/speech/stream"
+_STATUS = {"done": 200, "cancelled": 499, "error": 500}
+
+
+@router.websocket(ROUTE)
+async def speech_stream(ws: WebSocket) -> None:
+    state: ServerState = ws.app.state.spectts
+    await ws.accept()
+    if not authorized(Headers(scope=ws.scope), state):
+        await ws.send_json({"type": "error", **errors.unauthorized().body()})
+        await ws.close(code=1008, reason="missing or invalid API key")
+        state.metrics.request(ROUTE, 401, 0.0)
+        return
+    session = _Socket(ws, state)
+    try:
+        await session.serve()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        session.abort()
+
+
+class _Socket:
+    """One connection: reads client messages; a pump task sends one session's events."""
+
+    def __init__(self, ws: WebSocket, state: ServerState) -> None:
+        self.ws, self.state = ws, state
+        self.config: tuple | None = None  # (GenerationConfig, speed) from session.config
+        self.stream: SpeechStream | None = None
+        self.pump: asyncio.Task | None = None
+        self.chars = 0
+        self._send = asyncio.Lock()
+
+    async def serve(self) -> None:
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            if message.get("text") is None:
+                await self.error(errors.bad_request("binary frames are not accepted; send JSON text",
+                                                    "invalid_message"))
+                continue
+            try:
+                await self.handle(message["text"])
+            except errors.APIError as exc:
+                await self.error(exc)
+            except Exception as exc:  # noqa: BLE001 — report it, keep the socket
+                await self.error(errors.to_api_error(exc, self.state.settings.retry_after_s))
+
+    async def handle(self, text: str) -> None:
+        try:
+            msg = json.loads(text)
+        except ValueError:
+            raise errors.bad_request("the message is not valid JSON", "invalid_json") from None
+        kind = msg.get("type") if isinstance(msg, dict) else None
+        if kind == "session.config":
+            if self.stream is not None:
+                raise errors.bad_request("a session is running: send input.done or cancel first",
+                                         "session_active")
+            config = _validate(SessionConfig, msg)
+            self.config = self.state.resolve(config)
+        elif kind == "input.text":
+            piece = _validate(InputText, msg).text
+            if self.stream is None:
+                await self.start()
+            self.chars += len(piece)
+            limit = self.state.settings.max_input_chars
+            if self.chars > limit:
+                self.stream.cancel()
+                raise errors.bad_request(f"the session's text has {self.chars} characters; the "
+                                         f"limit is {limit}", "input_too_long", "text")
+            self.stream.add_text(piece)
+        elif kind == "input.done":
+            if self.stream is None:
+                raise errors.bad_request("no input.text was sent before input.done", "invalid_input")
+            self.stream.end_input()
+        elif kind == "cancel":
+            if self.stream is not None:
+                self.stream.cancel()
+        else:
+            raise errors.bad_request(f"unknown message type {kind!r}; expected session.config, "
+                                     "input.text, input.done or cancel", "invalid_message", "type")
+
+    async def start(self) -> None:
+        """Open a session's stream with the last session.config."""
+        if self.config is None:
+            raise errors.bad_request("send session.config before input.text", "no_session_config")
+        service = self.state.require()
+        cfg, speed = self.config
+        try:
+            stream = service.open(cfg, speed)
+        except Exception as exc:  # noqa: BLE001 — ServiceBusy: 503; ValueError: 400
+            raise errors.to_api_error(exc, self.state.settings.retry_after_s) from None
+        self.stream, self.chars = stream, 0
+        self.pump = asyncio.create_task(self.run(stream))
+
+    async def run(self, stream: SpeechStream) -> None:
+        """Send one session's events; the session ends with session.done."""
+        guard = Guard(stream, self.state.settings.request_timeout_s)
+        rate = stream.service.tts.sample_rate
+        final = Event("error")
+        try:
+            async for event in stream.events():
+                self.state.metrics.observe(event)
+                final = event
+                if event.kind == "sentence_start":
+                    await self.send({"type": "audio.start", "sentence_index": event.sentence_index,
+                                     "sentence_text": event.text, "format": "pcm_s16le",
+                                     "sample_rate": rate, "channels": 1})
+                elif event.kind == "audio":
+                    async with self._send:
+                        await self.ws.send_bytes(pcm16(event.audio))
+                elif event.kind == "sentence_done":
+                    await self.send({"type": "audio.done", "sentence_index": event.sentence_index,
+                                     "stats": event.stats})
+            if final.kind == "error":
+                await self.error(errors.engine_failure(final.error))
+            elif guard.timed_out:
+                await self.error(errors.timed_out(guard.timeout_s))
+            status = {"done": "completed", "cancelled": "cancelled"}.get(final.kind, "error")
+            self._end(stream)  # before session.done: the client may start the next one at once
+            await self.send({"type": "session.done", "status": status,
+                             "stats": final.stats or stream.summary()})
+        except Exception:  # noqa: BLE001 — the socket is gone: stop generating
+            stream.cancel()
+        finally:
+            guard.close()
+            code = 504 if guard.timed_out else _STATUS.get(final.kind, 500)
+            self.state.metrics.request(ROUTE, code, time.perf_counter() - guard.started)
+            self._end(stream)
+
+    def _end(self, stream: SpeechStream) -> None:
+        if self.stream is stream:
+            self.stream, self.pump = None, None
+
+    async def send(self, payload: dict) -> None:
+        async with self._send:
+            await self.ws.send_text(json.dumps(payload))
+
+    async def error(self, err: errors.APIError) -> None:
+        await self.send({"type": "error", **err.body()})
+
+    def abort(self) -> None:
+        """The client has gone: stop the running session."""
+        if self.stream is not None:
+            self.stream.cancel()
+        if self.pump is not None:
+            self.pump.cancel()
+
+
+def _validate(model: type, msg: dict):
+    try:
+        return model.model_validate(msg)
+    except ValidationError as exc:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        raise errors.bad_request(f"{param}: {first.get('msg', 'invalid value')}" if param
+                                 else "invalid message", param=param) from None

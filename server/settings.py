@@ -1,0 +1,78 @@
+"""Server settings: environment variables `SPECTTS_*`, overridden by `spectts serve` flags.
+
+This is the only module that uses pydantic-settings. Everything the server can be told lives here, with
+its default; `Settings()` reads the environment, `Settings(**flags)` lets explicit values win.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from engine.tts import DEFAULT_VOICE
+from engine.types import ACCEPTS, DECODINGS
+
+Device = Literal["cpu", "cuda", "auto"]
+Decoding = Literal[("auto", *DECODINGS)]
+Accept = Literal[ACCEPTS]
+
+
+class Settings(BaseSettings):
+    """Everything `create_app` needs. Field names are the env names without the prefix."""
+
+    model_config = SettingsConfigDict(env_prefix="SPECTTS_", extra="forbid")
+
+    # --- network ------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="bind address (the container uses 0.0.0.0)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
+
+    # --- model --------------------------------------------------------------------------------
+    bundle: Path = Field(DEFAULT_VOICE, description="voice bundle directory")
+    device: Device = "auto"
+    threads: int | None = Field(None, ge=1, description="torch threads; default 1 on CPU")
+    max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")
+
+    # --- default decoding (a request may override each) -----------------------------------------
+    decoding: Decoding = Field("auto", description="auto: heads if the bundle has them, else draft, "
+                                                   "else plain")
+    accept: Accept = "exact"
+    tau: int = Field(3, ge=1, description="heads + tolerance: top-tau / tau samples")
+    beta: float = Field(0.4, ge=0, description="draft + tolerance: SSD's beta")
+    gamma: int = Field(4, ge=1, le=16, description="draft: tokens drafted per round")
+    temperature: float = Field(0.0, ge=0)
+
+    # --- limits -------------------------------------------------------------------------------
+    max_input_chars: int = Field(4096, ge=1, description="longest input text, in characters")
+    max_batch: int = Field(8, ge=1, description="requests decoded together (the engine's batch); "
+                                               "more wait in the queue")
+    queue_size: int = Field(64, ge=1, description="requests waiting for a batch slot; beyond: 503")
+    request_timeout_s: float = Field(300.0, gt=0, description="a request still generating after "
+                                                              "this long is cancelled")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 (queue full)")
+
+    # --- access -------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(None, description="when set, every route but /health and "
+                                                        "/ready needs 'Authorization: Bearer KEY'")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value):
+        """SPECTTS_API_KEY= (empty, as compose passes an unset variable) means no key."""
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return value
+
+    def torch_threads(self, device: str) -> int | None:
+        """The torch thread count to set, or None to leave torch alone (CUDA).
+
+        On CPU the default is 1: the engine decodes a batch of small matrices per step, which gains
+        little from intra-op threads, while oversubscribed OpenMP (torch's pool spinning on every core
+        next to other processes — here a training job on a shared 2-core machine) makes every step
+        wait on preempted threads and is disastrous for latency. Raise it on a dedicated machine."""
+        if self.threads is not None:
+            return self.threads
+        return 1 if device == "cpu" else None

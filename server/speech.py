@@ -1,0 +1,160 @@
+"""What HTTP and WebSocket requests share: the server's state, turning request options into a
+GenerationConfig, starting a stream off the event loop, and stopping it on timeout or disconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field, replace
+
+from fastapi.requests import HTTPConnection
+from starlette.requests import Request
+
+from engine.sampling import SamplingParams
+from engine.service import SpeechStream, TTSService
+from engine.tts import TextToSpeech
+from engine.types import GenerationConfig
+from server import errors
+from server.audio import supported_formats
+from server.metrics import Metrics
+from server.schemas import MODEL_ALIASES, OPENAI_VOICES, SpeechOptions
+from server.settings import Settings
+
+MAX_NEW_TOKENS = 10**6  # per request; TextToSpeech caps every sentence by its phonemes
+
+
+def default_config(settings: Settings, tts: TextToSpeech) -> GenerationConfig:
+    """The server's decoding defaults; decoding "auto" picks heads, else draft, else plain."""
+    decoding = settings.decoding
+    if decoding == "auto":
+        engine = tts.engine
+        decoding = "heads" if engine.heads is not None else "draft" if engine.draft else "plain"
+    return GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, decoding=decoding, accept=settings.accept,
+                            tau=settings.tau, beta=settings.beta, gamma=settings.gamma,
+                            sampling=SamplingParams(temperature=settings.temperature))
+
+
+@dataclass
+class ServerState:
+    """One app's state (app.state.spectts): settings, metrics and, once loaded, the service."""
+
+    settings: Settings
+    service: TTSService | None = None
+    default_cfg: GenerationConfig | None = None
+    owns_service: bool = False  # started by the app (stopped at shutdown), not injected
+    load_error: BaseException | None = None
+    formats: tuple[str, ...] = field(default_factory=supported_formats)
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: self.service)
+
+    def attach(self, service: TTSService, owned: bool) -> None:
+        self.default_cfg = default_config(self.settings, service.tts)
+        self.service, self.owns_service = service, owned
+
+    def require(self) -> TTSService:
+        if self.service is None:
+            raise errors.not_ready()
+        return self.service
+
+    # --- names ---------------------------------------------------------------------------------
+    @property
+    def voice(self) -> str:
+        return self.service.tts.name if self.service else "default"
+
+    @property
+    def model_ids(self) -> list[str]:
+        return list(dict.fromkeys([*MODEL_ALIASES, self.voice]))
+
+    def voice_ids(self) -> list[str]:
+        return [self.voice, *OPENAI_VOICES]
+
+    # --- requests ------------------------------------------------------------------------------
+    def resolve(self, opts: SpeechOptions) -> tuple[GenerationConfig, float]:
+        """The request's GenerationConfig and speed; APIError 400 for unknown names or settings the
+        engine refuses (GenerationConfig.validate, modes the bundle lacks)."""
+        service = self.require()
+        if opts.model is not None and opts.model not in self.model_ids:
+            raise errors.bad_request(f"unknown model {opts.model!r}; this server has "
+                                     f"{', '.join(self.model_ids)}", "unknown_model", "model")
+        if opts.voice is not None and opts.voice not in self.voice_ids():
+            raise errors.bad_request(f"unknown voice {opts.voice!r}; this server speaks with "
+                                     f"{self.voice!r} (OpenAI's voice names are aliases of it)",
+                                     "unknown_voice", "voice")
+        cfg = self.default_cfg
+        sampling = {k: getattr(opts, k) for k in ("temperature", "top_k", "top_p")
+                    if getattr(opts, k) is not None}
+        decoding = {k: getattr(opts, k) for k in ("decoding", "accept", "tau", "beta", "gamma", "seed")
+                    if getattr(opts, k) is not None}
+        cfg = replace(cfg, sampling=replace(cfg.sampling, **sampling), **decoding)
+        tts = service.tts
+        try:
+            tts.engine.check([tts.layout.bos], cfg)
+        except ValueError as exc:
+            raise errors.bad_request(str(exc)) from None
+        return cfg, opts.speed
+
+    def check_input(self, text: str) -> str:
+        if not text.strip():
+            raise errors.bad_request("input is empty", "invalid_input", "input")
+        limit = self.settings.max_input_chars
+        if len(text) > limit:
+            raise errors.bad_request(f"input has {len(text)} characters; the limit is {limit}",
+                                     "input_too_long", "input")
+        return text
+
+
+def get_state(conn: HTTPConnection) -> ServerState:
+    """The app's state (a dependency: tests may override it)."""
+    return conn.app.state.spectts
+
+
+async def start_speech(state: ServerState, text: str, cfg: GenerationConfig, speed: float
+                       ) -> SpeechStream:
+    """service.speak in a worker thread (phonemising takes milliseconds: never on the event loop).
+    APIError 400 for unspeakable text, 503 when the queue is full."""
+    service = state.require()
+    loop = asyncio.get_running_loop()
+    try:
+        return await asyncio.to_thread(service.speak, text, cfg, speed, loop)
+    except ValueError as exc:
+        raise errors.bad_request(str(exc), "invalid_input", "input") from None
+    except Exception as exc:  # ServiceBusy and anything unexpected
+        raise errors.to_api_error(exc, state.settings.retry_after_s) from None
+
+
+class Guard:
+    """Stops a stream when it runs past the timeout or (HTTP) the client goes away."""
+
+    def __init__(self, stream: SpeechStream, timeout_s: float, request: Request | None = None
+                 ) -> None:
+        self.stream, self.timeout_s = stream, timeout_s
+        self.timed_out = self.disconnected = False
+        self.started = time.perf_counter()
+        self._timer = asyncio.get_running_loop().call_later(timeout_s, self._expire)
+        self._watch = asyncio.create_task(self._watch_disconnect(request)) if request else None
+
+    def _expire(self) -> None:
+        if not self.stream.closed:
+            self.timed_out = True
+            self.stream.cancel()
+
+    async def _watch_disconnect(self, request: Request) -> None:
+        """The body has been read, so the next ASGI message is http.disconnect: the client left
+        (or the response is complete, when the stream has ended anyway)."""
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                if not self.stream.closed:
+                    self.disconnected = True
+                    self.stream.cancel()
+                return
+
+    def close(self) -> None:
+        """Stop watching; cancel the stream if it is still running (the response was abandoned)."""
+        self._timer.cancel()
+        if self._watch is not None:
+            self._watch.cancel()
+        if not self.stream.closed:
+            self.stream.cancel()
