@@ -126,6 +126,9 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--save-every-minutes", type=float, default=4.0)
     ap.add_argument("--export", type=Path, default=None, help="write the model here and exit")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="without a checkpoint, start from these weights (a HF Llama dir)")
+    ap.add_argument("--init-step", type=int, default=0, help="with --init-from: schedule step")
     ap.add_argument("--no-bf16", dest="bf16", action="store_false",
                     help="train in float32 (default: bfloat16 autocast, ~1.5x faster on AVX-512 CPUs)")
     args = ap.parse_args()
@@ -140,6 +143,10 @@ def main() -> None:
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seconds": 0.0}
     args.ckpt.mkdir(parents=True, exist_ok=True)
     last = args.ckpt / "last.pt"
+    if not last.exists() and args.init_from:  # e.g. the shipped voice's weights on a bare machine
+        model.load_state_dict(LlamaForCausalLM.from_pretrained(args.init_from, device).state_dict())
+        state["step"] = args.init_step
+        print(f"initialised from {args.init_from}, schedule at step {args.init_step}")
     if last.exists():
         ck = torch.load(last, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
