@@ -26,20 +26,6 @@ def tiny_voice(tmp_path_factory):
         frontend.Espeak("en-us")
     except OSError as exc:
         pytest.skip(f"espeak-ng unavailable: {exc}")
-    from models import interleaved
-    from models.bundle import save_bundle
-    from models.vocoder import CausalVocos, VocoderConfig
+    from models.voice.random_voice import build_random_voice
 
-    num_speech = 16
-    bundle = random_bundle(vocab_size=interleaved.vocab_size(num_speech), hidden_size=32,
-                           num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
-                           std=0.3, seed=5)
-    bundle.tokens = interleaved.token_layout(num_speech)
-    path = tmp_path_factory.mktemp("voice")
-    save_bundle(bundle, path, extra={"name": "tiny", "max_frames_per_phoneme": 4,
-                                     "frontend": {"voice": "en-us", "phonemes": "phonemes.json"},
-                                     "vocoder": "vocoder"})
-    frontend.PhonemeVocab().save(path / "phonemes.json")
-    CausalVocos(VocoderConfig(num_tokens=num_speech, dim=32, intermediate=64,
-                              num_blocks=2)).save(path / "vocoder")
-    return path
+    return build_random_voice(tmp_path_factory.mktemp("voice"))

@@ -1,0 +1,26 @@
+"""A complete voice bundle with random weights, in seconds: for tests and for trying the pipeline
+before (or without) the trained voice. Needs libespeak-ng at use time, not to build."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models import interleaved
+from models.bundle import random_bundle, save_bundle
+from models.frontend import PhonemeVocab
+from models.vocoder import CausalVocos, VocoderConfig
+
+
+def build_random_voice(path: str | Path, num_speech: int = 16, seed: int = 5) -> Path:
+    path = Path(path)
+    bundle = random_bundle(vocab_size=interleaved.vocab_size(num_speech), hidden_size=32,
+                           num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
+                           std=0.3, seed=seed)
+    bundle.tokens = interleaved.token_layout(num_speech)
+    save_bundle(bundle, path, extra={"name": "tiny", "max_frames_per_phoneme": 4,
+                                     "frontend": {"voice": "en-us", "phonemes": "phonemes.json"},
+                                     "vocoder": "vocoder"})
+    PhonemeVocab().save(path / "phonemes.json")
+    CausalVocos(VocoderConfig(num_tokens=num_speech, dim=32, intermediate=64,
+                              num_blocks=2)).save(path / "vocoder")
+    return path
