@@ -71,7 +71,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_generation_flags(syn)
     syn.set_defaults(max_new_tokens=10**6)
     add_serve_parser(sub)
+
+    ben = sub.add_parser("bench", help="run a benchmark: engine | load | voice (bench/*.py); "
+                                       "arguments after the name go to it")
+    ben.add_argument("name", choices=sorted(BENCHES))
+    ben.add_argument("args", nargs=argparse.REMAINDER)
     return parser
+
+
+BENCHES = {"engine": "bench.engine_bench", "load": "bench.load", "voice": "bench.eval_voice"}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
+
+    sys.argv = [f"spectts bench {args.name}", *args.args]
+    runpy.run_module(BENCHES[args.name], run_name="__main__")
+    return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -134,7 +150,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "synth": cmd_synth, "serve": cmd_serve}[args.command](args)
+        return {"generate": cmd_generate, "synth": cmd_synth, "serve": cmd_serve,
+                "bench": cmd_bench}[args.command](args)
     except (ValueError, OSError) as exc:
         print(f"spectts {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -53,3 +53,11 @@ def test_bad_input_exits_2_with_one_line(bundle_dir, args, capsys):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err and "\n" not in err and "error" in err
+
+
+@pytest.mark.parametrize("name", ["engine", "load", "voice"])
+def test_bench_subcommand_reaches_the_benchmark(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", name, "--help"])
+    assert exc.value.code == 0
+    assert "usage: spectts bench " + name in capsys.readouterr().out
