@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Hashable
 
 import torch
@@ -11,7 +12,8 @@ from engine.speculative import Candidates
 from engine.tree import Path
 
 
-def max_ranks(shape: list[Path]) -> list[int]:
+@functools.lru_cache(maxsize=64)
+def max_ranks(shape: tuple[Path, ...]) -> list[int]:
     """How many ranked tokens each depth of `shape` needs."""
     out: list[int] = []
     for path in shape:
@@ -30,7 +32,7 @@ def build_tree(head_logits: torch.Tensor, shape: list[Path], rule: TokenRule,
     Paths through a forced position collapse onto the forced token; ranks are taken among the tokens
     the rule allows at that node; a path deeper than the heads reach is dropped."""
     num_heads = head_logits.shape[0]
-    need = max_ranks(shape)
+    need = max_ranks(tuple(shape))  # once per tree shape, not per step
     ranked: dict[tuple[int, int], list[int]] = {}  # (head, id of allowed mask) -> tokens by rank
     cands = Candidates()
     node_of: dict[Path, int] = {(): -1}

@@ -124,7 +124,9 @@ class SpeechStream:
                 return pieces, final
             if len(pieces) <= 1:
                 return [], False
-            self._text = pieces[-1]  # the unfinished sentence waits for more text
+            # the unfinished sentence waits for more text; keep its trailing space, or the next
+            # word would be glued to its last one
+            self._text = pieces[-1] + (" " if text[-1].isspace() else "")
             return pieces[:-1], False
 
     def summary(self) -> dict:
@@ -280,9 +282,9 @@ class TTSService:
     # --- convenience --------------------------------------------------------------------------
     def speak(self, text: str, cfg: GenerationConfig, speed: float = 1.0,
               loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
-        """A whole-text request."""
-        self.tts.plan(text)  # ValueError now for unspeakable text
+        """A whole-text request, phonemised once, here (ValueError now for unspeakable text)."""
+        plans = self.tts.plan(text)
         stream = self.open(replace(cfg), speed, loop)
-        stream.add_text(text)
+        stream.queued.extend(plans)  # before end_input: the engine thread then starts them in order
         stream.end_input()
         return stream

@@ -124,3 +124,18 @@ def test_stretch_changes_length_by_speed(speed):
     more, done = stretch(frames, speed, done)
     assert out + more == stretch(frames, speed, 0)[0]
     assert abs(len(out + more) - 100 / speed) <= 1
+
+
+def test_words_split_across_pieces_stay_apart(tts):
+    svc = TTSService(tts)  # not started: only the text buffer is exercised
+
+    async def main():
+        stream = svc.open(CFG)
+        stream.add_text("One. Two three ")
+        first, _ = stream.take_sentences()
+        stream.add_text("four.")
+        stream.end_input()
+        return first, stream.take_sentences()[0]
+
+    first, rest = asyncio.run(main())
+    assert first == ["One."] and rest == ["Two three four."]
