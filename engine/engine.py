@@ -16,12 +16,38 @@ import torch
 from engine.draft_proposer import chain, pad_blocks, propose_drafts
 from engine.heads_proposer import build_tree
 from engine.kv_cache import KVCache
+from engine.prefix_cache import PrefixCache
 from engine.rules import NoRule, TokenRule
 from engine.sequence import Sequence
 from engine.speculative import Candidates, verify
 from engine.tree import default_accuracies, sparse_tree, validate_shape
 from engine.types import GenerationConfig, GenerationResult
 from models.bundle import Bundle, load_bundle
+
+
+# a forward costs about as much as this many more padded rows, whatever its size (CPU, small model)
+FORWARD_OVERHEAD_ROWS = 12
+
+
+def plan_forwards(lengths: list[int], overhead: int = FORWARD_OVERHEAD_ROWS) -> list[list[int]]:
+    """Split blocks of these lengths into groups, one padded forward each, minimising the rows
+    computed (group size x its longest block) plus `overhead` per forward: a newcomer's prompt chunk
+    is not padded onto every running sequence's one-token block. Groups are contiguous in length
+    order (dynamic programming over the sorted lengths)."""
+    order = sorted(range(len(lengths)), key=lambda b: lengths[b])
+    n = len(order)
+    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j blocks (sorted)
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j > 0:
+        groups.append(order[cut[j]:j])
+        j = cut[j]
+    return groups[::-1]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -31,7 +57,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 class Engine:
-    def __init__(self, bundle: Bundle, max_batch: int = 8, max_len: int = 2048) -> None:
+    def __init__(self, bundle: Bundle, max_batch: int = 8, max_len: int = 2048,
+                 prefix_blocks: int = 0, prefix_block: int = 16) -> None:
+        """prefix_blocks > 0: keep that many blocks of `prefix_block` prompt tokens for reuse."""
         self.bundle = bundle
         self.target, self.draft, self.heads = bundle.target, bundle.draft, bundle.heads
         cfg = self.target.config
@@ -41,6 +69,8 @@ class Engine:
         self.max_len = max_len
         self.cache = KVCache(cfg.num_hidden_layers, max_batch, cfg.num_key_value_heads, max_len,
                              cfg.head_dim, dtype, self.device)
+        self.prefix_cache = (PrefixCache(self.cache, prefix_blocks, prefix_block)
+                             if prefix_blocks > 0 else None)
         self.draft_cache = None
         if self.draft is not None:
             d = self.draft.config
@@ -61,8 +91,9 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", max_batch: int = 8,
-             max_len: int = 2048) -> Engine:
-        return cls(load_bundle(path, resolve_device(device)), max_batch=max_batch, max_len=max_len)
+             max_len: int = 2048, prefix_blocks: int = 0) -> Engine:
+        return cls(load_bundle(path, resolve_device(device)), max_batch=max_batch, max_len=max_len,
+                   prefix_blocks=prefix_blocks)
 
     # --- public calls -------------------------------------------------------------------------
     def generate(self, prompt: list[int], cfg: GenerationConfig = GenerationConfig(),
@@ -111,9 +142,13 @@ class Engine:
         seed = cfg.seed if cfg.seed is not None else random.randrange(2**63)
         slot = self.cache.allocate()
         draft_slot = self.draft_cache.allocate() if cfg.decoding == "draft" else None
-        return Sequence(prompt=list(prompt), cfg=cfg, rule=rule or NoRule(), slot=slot,
-                        draft_slot=draft_slot, generator=torch.Generator().manual_seed(seed),
-                        eos=self.eos)
+        seq = Sequence(prompt=list(prompt), cfg=cfg, rule=rule or NoRule(), slot=slot,
+                       draft_slot=draft_slot, generator=torch.Generator().manual_seed(seed),
+                       eos=self.eos)
+        seq.stats.prompt_tokens = len(prompt)
+        if self.prefix_cache is not None:
+            seq.stats.cached_prompt_tokens = self.prefix_cache.load(slot, seq.prompt)
+        return seq
 
     def release(self, seq: Sequence) -> None:
         """Free the sequence's cache slots (finished, cancelled or failed). Idempotent."""
@@ -128,8 +163,15 @@ class Engine:
 
     # --- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def step(self, seqs: list[Sequence]) -> None:
-        """Advance every sequence by one target forward."""
+    def step(self, seqs: list[Sequence], prefill_chunk: int = 0, row_budget: int = 0) -> None:
+        """Advance every sequence by one target forward.
+
+        prefill_chunk > 0: a sequence with more pending tokens than that (a newcomer's prompt) only
+        writes the next chunk of them this step, so a long prompt never stalls the others for long.
+        row_budget > 0: cap the candidate rows of the step (pending tokens included) by giving each
+        speculating sequence at most (budget - pending) / speculators candidates: under load, small
+        trees keep a batched forward cheap; alone, a sequence gets its whole tree.
+        """
         pending = [s.tokens[self.cache.lengths[s.slot]:] for s in seqs]
         room = [self.max_len - self.cache.lengths[s.slot] - len(p) for s, p in zip(seqs, pending)]
         for s, r in zip(seqs, room):
@@ -139,27 +181,50 @@ class Engine:
         if not live:
             return
         seqs, pending, room = ([xs[b] for b in live] for xs in (seqs, pending, room))
+        chunked = [0 < prefill_chunk < len(p) for p in pending]
+        blocks = [p[:prefill_chunk] if ch else p for p, ch in zip(pending, chunked)]
+        room = [0 if ch else r for r, ch in zip(room, chunked)]
+        if row_budget > 0:
+            spec = [b for b, s in enumerate(seqs) if s.cfg.decoding != "plain" and room[b] > 0]
+            if spec:
+                cap = max(1, (row_budget - sum(map(len, blocks))) // len(spec))
+                room = [min(r, cap) if b in spec else r for b, r in enumerate(room)]
         cands = self._propose(seqs, pending, room)
+        for group in plan_forwards([len(p) + len(c) for p, c in zip(blocks, cands)]):
+            self._verify([seqs[b] for b in group], [blocks[b] for b in group],
+                         [cands[b] for b in group], [chunked[b] for b in group])
 
-        # verify: one target forward over pending + candidates of every sequence
+    def _verify(self, seqs: list[Sequence], blocks: list[list[int]], cands: list[Candidates],
+                chunked: list[bool]) -> None:
+        """One target forward over each sequence's block (pending tokens) + candidates, then accept
+        and commit. A chunked block is a slice of a prompt: it is only written to the cache."""
         parents = [chain(len(p)) + [q + len(p) if q >= 0 else len(p) - 1 for q in c.parents]
-                   for p, c in zip(pending, cands)]
+                   for p, c in zip(blocks, cands)]
         layout = self.cache.layout([s.slot for s in seqs], parents)
-        ids = pad_blocks([p + c.tokens for p, c in zip(pending, cands)], self.device)
+        ids = pad_blocks([p + c.tokens for p, c in zip(blocks, cands)], self.device)
         hidden = self.target(ids, self.cache, layout)  # (B, T, D)
         # logits only where a token is decided: the root (last pending) and every candidate
-        rows_b = [b for b, (p, c) in enumerate(zip(pending, cands)) for _ in range(len(c) + 1)]
-        rows_t = [len(p) - 1 + i for p, c in zip(pending, cands) for i in range(len(c) + 1)]
-        logits = self.target.logits(hidden[rows_b, rows_t]).cpu()  # (rows, V)
+        deciding = [b for b, ch in enumerate(chunked) if not ch]
+        rows_b = [b for b in deciding for _ in range(len(cands[b]) + 1)]
+        rows_t = [len(blocks[b]) - 1 + i for b in deciding for i in range(len(cands[b]) + 1)]
+        logits = (self.target.logits(hidden[rows_b, rows_t]).cpu() if rows_b
+                  else None)  # (rows, V)
 
         first = 0
-        for b, (s, p, c) in enumerate(zip(seqs, pending, cands)):
+        for b, (s, p, c) in enumerate(zip(seqs, blocks, cands)):
+            if chunked[b]:
+                self.cache.commit(s.slot, list(range(len(p))))
+                s.stats.target_forwards += 1
+                continue
             rows = logits[first:first + len(c) + 1]
             first += len(c) + 1
             verdict = verify(c, rows, s.tokens, s.end_state, s.rule, s.cfg, s.cfg.decoding,
                              s.generator)
             # commit: the pending tokens and the accepted path stay in the cache
             self.cache.commit(s.slot, list(range(len(p))) + [len(p) + i for i in verdict.path])
+            if self.prefix_cache is not None and not s.prefix_saved:
+                self.prefix_cache.save(s.slot, s.prompt)
+                s.prefix_saved = True
             last = len(p) - 1 + (verdict.path[-1] + 1 if verdict.path else 0)
             s.last_hidden = hidden[b, last].clone()
             self._count(s, c, verdict.path)

@@ -26,6 +26,7 @@ class Sequence:
     last_hidden: torch.Tensor | None = None  # (D,) target hidden state that chose the first pending token
     stats: GenerationStats = field(default_factory=GenerationStats)
     finish_reason: str | None = None
+    prefix_saved: bool = False  # its prompt's blocks are in the engine's prefix cache
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:

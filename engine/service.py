@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from engine.scheduler import Playback, Policy
 from engine.sequence import Sequence
 from engine.tts import SentencePlan, TextToSpeech, merge_stats, stretch
 from engine.types import GenerationConfig, GenerationStats
@@ -52,6 +53,7 @@ class _Sentence:
     frames: list[int] = field(default_factory=list)  # speech tokens so far
     emitted: int = 0  # stretched frames already sent to the vocoder
     pending: list[int] = field(default_factory=list)  # stretched frames not yet vocoded
+    chunks: int = 0  # vocoder pushes so far
 
 
 class SpeechStream:
@@ -67,6 +69,7 @@ class SpeechStream:
         self.cancelled = False
         self.closed = False  # a final event ("done" / "error") was sent
         self.created = time.perf_counter()
+        self.playback = Playback(self.created)  # the listener's clock: deadlines and underruns
         self.first_audio: float | None = None  # seconds from creation to the first audio chunk
         self.audio_seconds = 0.0
         self.stats = GenerationStats()
@@ -133,15 +136,21 @@ class SpeechStream:
         wall = time.perf_counter() - self.created
         return {**self.stats.to_dict(), "audio_seconds": self.audio_seconds,
                 "time_to_first_audio_seconds": self.first_audio, "wall_seconds": wall,
+                "max_underrun_seconds": self.playback.max_underrun,
+                "total_underrun_seconds": self.playback.total_underrun,
                 "real_time_factor": wall / self.audio_seconds if self.audio_seconds else None}
 
 
 class TTSService:
     def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
-                 chunk_frames: int = 24) -> None:
+                 chunk_frames: int = 24, policy: Policy = Policy(), prefill_chunk: int = 64,
+                 row_budget: int = 64, max_active: int | None = None) -> None:
+        """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`chunk_size`); prefill_chunk and
+        row_budget: see Engine.step; max_active: streams decoded together (default: cache slots)."""
         self.tts = tts
-        self.max_active = tts.engine.cache.max_batch
+        self.max_active = min(max_active or tts.engine.cache.max_batch, tts.engine.cache.max_batch)
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
+        self.policy, self.prefill_chunk, self.row_budget = policy, prefill_chunk, row_budget
         self._waiting: queue.Queue[SpeechStream] = queue.Queue(maxsize=queue_size)
         self._active: list[SpeechStream] = []
         self._wake = threading.Event()
@@ -169,10 +178,21 @@ class TTSService:
     def active(self) -> int:
         return len(self._active)
 
+    def overloaded(self) -> str | None:
+        """Why a new request would be refused now (admission control), or None."""
+        now = time.perf_counter()
+        with self._waiting.mutex:
+            oldest = self._waiting.queue[0].created if self._waiting.queue else None
+        return self.policy.refuse([s for s in list(self._active) if s.current is not None],
+                                  None if oldest is None else now - oldest, now)
+
     def open(self, cfg: GenerationConfig, speed: float = 1.0,
              loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
-        """A new request; ServiceBusy when the queue is full."""
+        """A new request; ServiceBusy when the queue is full or the running streams cannot take
+        more (`overloaded`)."""
         self.tts.engine.check([self.tts.layout.bos], cfg)  # ValueError for a bad config, now
+        if (reason := self.overloaded()) is not None:
+            raise ServiceBusy(f"the server is at capacity: {reason}")
         stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop())
         try:
             self._waiting.put_nowait(stream)
@@ -201,8 +221,9 @@ class TTSService:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
-            self._step([s.current.seq for s in running], running)
-            for stream in running:
+            chosen = self.policy.select(running, time.perf_counter())
+            self._step([s.current.seq for s in chosen], chosen)
+            for stream in chosen:
                 if stream.current is not None:
                     self._collect(stream)
             self._active = [s for s in self._active if not s.closed]
@@ -228,20 +249,31 @@ class TTSService:
                 stream.emit(Event("sentence_start", stream.current.index, text=plan.text))
             elif final:
                 self._close(stream, Event("done", stats=stream.summary()))
+            else:
+                stream.playback.idle(time.perf_counter())
         except Exception as exc:  # noqa: BLE001 — this request fails, the loop goes on
             self._close(stream, Event("error", error=exc))
 
     def _step(self, seqs: list[Sequence], streams: list[SpeechStream]) -> None:
+        engine, chunk, budget = self.tts.engine, self.prefill_chunk, self.row_budget
         try:
-            self.tts.engine.step(seqs)
+            engine.step(seqs, prefill_chunk=chunk, row_budget=budget)
         except Exception:  # noqa: BLE001 — find the request at fault: step each alone
             for seq, stream in zip(seqs, streams):
                 try:
                     if not seq.finished:
-                        self.tts.engine.step([seq])
+                        engine.step([seq], prefill_chunk=chunk, row_budget=budget)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("request failed inside the engine step")
                     self._close(stream, Event("error", error=exc))
+
+    def chunk_size(self, index: int) -> int:
+        """Frames vocoded together in a sentence's chunk `index`: a small first chunk (time to first
+        audio), then growing by half each time up to chunk_frames, so the listener's buffer grows
+        ahead of playback while decoding is faster than real time (4 frames = 80 ms of audio is
+        played while the next 6 are decoded). It depends on nothing but the index: the same text
+        gives the same chunks, hence the same samples, however loaded the server is."""
+        return min(self.chunk_frames, int(self.first_chunk_frames * 1.5 ** index))
 
     def _collect(self, stream: SpeechStream) -> None:
         """Vocode what the current sentence has accepted; finish it when its sequence has ended."""
@@ -250,17 +282,19 @@ class TTSService:
             sent.frames = interleaved.speech_tokens(self.tts.layout, sent.seq.generated)
             new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
             sent.pending += new
-            first = stream.first_audio is None and sent.index == 0
-            threshold = self.first_chunk_frames if first else self.chunk_frames
+            threshold = self.chunk_size(sent.chunks)
             audio = []
             if sent.pending and (len(sent.pending) >= threshold or sent.seq.finished):
                 audio.append(stream.vocoder.push(sent.pending))
                 sent.pending = []
+                sent.chunks += 1
             if sent.seq.finished:
                 audio.append(stream.vocoder.flush())
             chunk = np.concatenate(audio) if audio else np.zeros(0, np.float32)
             if len(chunk):
-                stream.audio_seconds += len(chunk) / self.tts.sample_rate
+                seconds = len(chunk) / self.tts.sample_rate
+                stream.audio_seconds += seconds
+                stream.playback.sent(seconds, time.perf_counter())
                 stream.emit(Event("audio", sent.index, audio=np.clip(chunk, -1, 1)))
             if sent.seq.finished:
                 merge_stats(stream.stats, sent.seq.stats)

@@ -42,7 +42,8 @@ class Speech:
 
 
 def merge_stats(total: GenerationStats, part: GenerationStats) -> None:
-    for name in ("tokens", "target_forwards", "draft_forwards", "drafted", "accepted"):
+    for name in ("tokens", "target_forwards", "draft_forwards", "drafted", "accepted",
+                 "prompt_tokens", "cached_prompt_tokens"):
         setattr(total, name, getattr(total, name) + getattr(part, name))
     for name in ("accepted_per_pos", "drafted_per_pos"):
         mine, theirs = getattr(total, name), getattr(part, name)
@@ -66,7 +67,7 @@ def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]
 
 class TextToSpeech:
     def __init__(self, bundle_path: str | Path = DEFAULT_VOICE, device: str = "cpu",
-                 max_batch: int = 8, max_len: int = 4096) -> None:
+                 max_batch: int = 8, max_len: int = 4096, prefix_blocks: int = 0) -> None:
         from models.frontend import Espeak, PhonemeVocab
         from models.vocoder import CausalVocos
 
@@ -74,7 +75,8 @@ class TextToSpeech:
         bundle = load_bundle(bundle_path, dev)
         if bundle.tokens is None or "vocoder" not in bundle.raw or "frontend" not in bundle.raw:
             raise ValueError(f"{bundle_path} is not a voice bundle (tokens, vocoder, frontend)")
-        self.engine = Engine(bundle, max_batch=max_batch, max_len=max_len)
+        self.engine = Engine(bundle, max_batch=max_batch, max_len=max_len,
+                             prefix_blocks=prefix_blocks)
         self.layout = bundle.tokens
         front = bundle.raw["frontend"]
         self.espeak = Espeak(front.get("voice", "en-us"))

@@ -59,6 +59,8 @@ class GenerationStats:
     drafted: int = 0
     accepted: int = 0
     gen_seconds: float = 0.0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens reused from the prefix cache, not computed
     accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts by depth 1, 2, …
     drafted_per_pos: list[int] = field(default_factory=list)
 

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from engine.scheduler import Policy
 from engine.service import TTSService
 from server import errors, routes_http, routes_ws
 from server.middleware import ServerMiddleware
@@ -36,9 +37,11 @@ def load_service(settings: Settings) -> TTSService:
     if threads:
         torch.set_num_threads(threads)
     tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
-                       max_len=settings.max_len)
+                       max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks)
     tts.synthesize(WARMUP_TEXT, default_config(settings, tts))  # also checks the default decoding
-    service = TTSService(tts, queue_size=settings.queue_size)
+    service = TTSService(tts, queue_size=settings.queue_size,
+                         policy=Policy(max_queue_wait_s=settings.max_queue_wait_s),
+                         prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget)
     service.start()
     log.info("voice %r loaded from %s on %s (%s torch threads)", tts.name, settings.bundle, device,
              torch.get_num_threads())

@@ -23,8 +23,17 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--gamma", {"type": int, "help": "draft: tokens drafted per round (default 4)"}),
     ("--temperature", {"type": float, "help": "default sampling temperature (0: greedy)"}),
     ("--max-input-chars", {"type": int, "help": "longest input text (default 4096)"}),
-    ("--max-batch", {"type": int, "help": "requests decoded together (default 8)"}),
+    ("--max-batch", {"type": int, "help": "requests decoded together (default 16; 1: one at a "
+                                          "time)"}),
     ("--queue-size", {"type": int, "help": "requests waiting beyond the batch (default 64)"}),
+    ("--max-queue-wait", {"type": float, "dest": "max_queue_wait_s",
+                          "help": "refuse new requests (503) once the oldest waiting one has "
+                                  "waited this long (default 2 s)"}),
+    ("--prefill-chunk", {"type": int, "help": "prompt tokens prefilled per step (default 64)"}),
+    ("--row-budget", {"type": int, "help": "speculative rows per step across the batch "
+                                           "(default 64; 0: no cap)"}),
+    ("--prefix-cache-blocks", {"type": int, "help": "16-token prompt blocks kept for reuse "
+                                                    "(default 256; 0: off)"}),
     ("--request-timeout", {"type": float, "dest": "request_timeout_s",
                            "help": "seconds before a request is cancelled (default 300)"}),
     ("--api-key", {"help": "require 'Authorization: Bearer KEY' (prefer SPECTTS_API_KEY: flags "

@@ -16,6 +16,7 @@ from engine.service import Event, TTSService
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_UNDERRUN_BUCKETS = (0.0, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _RTF_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 5.0, 10.0)
 _LENGTH_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)
 
@@ -30,10 +31,11 @@ class Metrics:
             "400 refused, 499 cancelled by the client, 500 failed). Error ratio: "
             "sum(rate(spectts_requests_total{status=~\"5..\"}[5m])) / "
             "sum(rate(spectts_requests_total[5m]))", ["route", "status"], registry=r)
-        self.queue_depth = Gauge("spectts_queue_depth_requests",
+        self.queue_depth = Gauge("spectts_requests_waiting",
                                  "Requests waiting for a decoding slot", registry=r)
-        self.active = Gauge("spectts_active_requests",
-                            "Requests being decoded (at most the engine's max batch)", registry=r)
+        self.active = Gauge("spectts_requests_running",
+                            "Requests holding a decoding slot (at most the engine's max batch; "
+                            "vLLM's num_requests_running)", registry=r)
         self.slots = Gauge("spectts_kv_cache_slots_in_use",
                            "KV cache slots held by sequences; utilisation: "
                            "spectts_kv_cache_slots_in_use / spectts_kv_cache_slots", registry=r)
@@ -53,6 +55,18 @@ class Metrics:
                              "Wall time / audio duration per request (< 1: faster than real time)",
                              buckets=_RTF_BUCKETS, registry=r)
         self.audio = Counter("spectts_audio_seconds", "Seconds of audio generated", registry=r)
+        self.underrun = Histogram(
+            "spectts_audio_underrun_seconds", "Per request, the longest playback stall of a listener "
+            "whose player starts at the first audio chunk and plays continuously (0: never waited; "
+            "silence while a streaming client sends no text does not count)",
+            buckets=_UNDERRUN_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("spectts_prompt_tokens", "Prompt tokens of every sentence "
+                                     "(prefix cache hit ratio: rate(spectts_prefix_cache_hit_tokens"
+                                     "_total[5m]) / rate(spectts_prompt_tokens_total[5m]))",
+                                     registry=r)
+        self.prefix_hits = Counter("spectts_prefix_cache_hit_tokens",
+                                   "Prompt tokens reused from the prefix cache, not computed",
+                                   registry=r)
         self.tokens = Counter("spectts_generated_tokens",
                               "Speech-LM tokens generated (forced phoneme tokens included). Mean "
                               "accepted length: rate(spectts_generated_tokens_total[5m]) / "
@@ -91,6 +105,8 @@ class Metrics:
             self.forwards.inc(stats.get("target_forwards", 0))
             self.drafted.inc(stats.get("drafted", 0))
             self.accepted.inc(stats.get("accepted", 0))
+            self.prompt_tokens.inc(stats.get("prompt_tokens", 0))
+            self.prefix_hits.inc(stats.get("cached_prompt_tokens", 0))
             for pos, n in enumerate(stats.get("accepted_per_pos", [])):
                 self.accepted_pos.labels(str(pos)).inc(n)
             for pos, n in enumerate(stats.get("drafted_per_pos", [])):
@@ -102,6 +118,7 @@ class Metrics:
                 self.audio.inc(stats["audio_seconds"])
             if stats.get("time_to_first_audio_seconds") is not None:
                 self.ttfa.observe(stats["time_to_first_audio_seconds"])
+                self.underrun.observe(stats.get("max_underrun_seconds", 0.0))
             if event.kind == "done" and stats.get("real_time_factor") is not None:
                 self.rtf.observe(stats["real_time_factor"])
 

@@ -46,12 +46,22 @@ class Settings(BaseSettings):
 
     # --- limits -------------------------------------------------------------------------------
     max_input_chars: int = Field(4096, ge=1, description="longest input text, in characters")
-    max_batch: int = Field(8, ge=1, description="requests decoded together (the engine's batch); "
-                                               "more wait in the queue")
+    max_batch: int = Field(16, ge=1, description="requests decoded together (the engine's batch, "
+                                                "continuous: requests join and leave between "
+                                                "steps); more wait in the queue; 1: one at a time")
     queue_size: int = Field(64, ge=1, description="requests waiting for a batch slot; beyond: 503")
+    max_queue_wait_s: float = Field(2.0, gt=0, description="admission control: new requests get "
+                                    "503 while the oldest waiting one has waited this long (or a "
+                                    "running stream is behind real time)")
+    prefill_chunk: int = Field(64, ge=0, description="prompt tokens a newcomer prefills per step, "
+                                                     "so running streams are not stalled; 0: all")
+    row_budget: int = Field(64, ge=0, description="speculative candidate rows per step across "
+                                                  "the batch (trees shrink under load); 0: no cap")
+    prefix_cache_blocks: int = Field(256, ge=0, description="16-token prompt blocks kept for "
+                                     "reuse by later requests with the same prefix; 0: off")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still generating after "
                                                               "this long is cancelled")
-    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 (queue full)")
+    retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 (at capacity)")
 
     # --- access -------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="when set, every route but /health and "

@@ -340,11 +340,13 @@ def test_metrics_move(client):
     assert moved("spectts_spec_decode_num_draft_tokens_total") > 0
     assert moved("spectts_spec_decode_num_draft_tokens_per_pos_total", position="0") > 0
     assert moved("spectts_time_to_first_audio_seconds_count") == 1
+    assert moved("spectts_audio_underrun_seconds_count") == 1
+    assert moved("spectts_prompt_tokens_total") > 0
     assert moved("spectts_real_time_factor_ratio_count") == 1
     assert moved("spectts_accepted_length_tokens_count") == 2  # one per sentence
     assert moved("spectts_request_duration_seconds_count", route="/v1/audio/speech") == 1
-    assert ("spectts_kv_cache_slots_in_use", ()) in after and ("spectts_queue_depth_requests", ()) \
-        in after and ("spectts_active_requests", ()) in after
+    assert ("spectts_kv_cache_slots_in_use", ()) in after and ("spectts_requests_waiting", ()) \
+        in after and ("spectts_requests_running", ()) in after
     assert after[("spectts_kv_cache_slots", ())] == 3
     accepted = after.get(("spectts_spec_decode_num_accepted_tokens_total", ()))
     drafted = after[("spectts_spec_decode_num_draft_tokens_total", ())]

@@ -5,7 +5,10 @@ import asyncio
 import numpy as np
 import pytest
 
-from engine.service import ServiceBusy, TTSService
+import random
+
+from engine.scheduler import Policy
+from engine.service import FINAL, ServiceBusy, TTSService
 from engine.tts import TextToSpeech, stretch
 from engine.types import GenerationConfig
 
@@ -105,6 +108,52 @@ def test_full_queue_is_refused(tts):
             svc.speak("Two.", CFG)
 
     asyncio.run(main())
+
+
+def test_admission_refuses_while_the_queue_has_waited_too_long(tts):
+    svc = TTSService(tts, policy=Policy(max_queue_wait_s=0.05))  # not started: the queue stays
+
+    async def main():
+        svc.speak("One.", CFG)
+        svc.speak("Two.", CFG)  # the first has not waited long yet
+        await asyncio.sleep(0.1)
+        with pytest.raises(ServiceBusy, match="waited"):
+            svc.speak("Three.", CFG)
+
+    asyncio.run(main())
+
+
+def test_many_streams_with_random_cancels_leak_nothing(tts):
+    """A small soak: more streams than slots, mixed decodings, a third cancelled at random times;
+    every stream ends, the uncancelled ones done, and every cache slot is free afterwards."""
+    svc = TTSService(tts, queue_size=64, first_chunk_frames=2, chunk_frames=5,
+                     policy=Policy(max_queue_wait_s=1e9, behind_s=1e9))
+    svc.start()
+    rng = random.Random(0)
+    texts = ["Hello there.", "A second, longer sentence to speak. And one more.", "Numbers: 42."]
+    decodings = ["heads", "draft", "plain"]
+
+    async def one(i):
+        cfg = GenerationConfig(max_new_tokens=10**6, decoding=decodings[i % 3])
+        stream = svc.speak(texts[i % 3], cfg)
+        cancel = rng.random() < 0.35
+        if cancel:
+            asyncio.get_running_loop().call_later(rng.uniform(0, 0.3), stream.cancel)
+        kinds = [e.kind async for e in stream.events()]
+        return cancel, kinds[-1]
+
+    async def main():
+        return await asyncio.gather(*(one(i) for i in range(24)))
+
+    try:
+        ends = asyncio.run(main())
+    finally:
+        svc.stop()
+    assert all(end in FINAL for _, end in ends)
+    assert all(end == "done" for cancelled, end in ends if not cancelled)
+    assert any(end == "cancelled" for _, end in ends)
+    assert tts.engine.cache.slots_in_use == 0 and tts.engine.draft_cache.slots_in_use == 0
+    assert svc.active == 0 and svc.waiting == 0
 
 
 def test_bad_config_is_refused_before_queueing(service):
