@@ -1,13 +1,17 @@
 """Load benchmark: N concurrent WebSocket clients against a real server process over loopback.
 
-    .venv/bin/python -m bench.load [--clients 1,4,16] [--requests-per-client 3] [--threads 1]
+    .venv/bin/python -m bench.load [--clients 1,4,16,32] [--requests-per-client 3] [--threads 1]
+                                   [--modes batched,single]
 
-Starts `spectts serve` (its own process, --threads torch threads) on a free loopback port, then for each
-N runs N clients at once; each speaks held-out sentences one session at a time over
-/v1/audio/speech/stream. Per session: time to first audio (request sent -> first PCM frame), the
-real-time factor (session wall time / audio seconds) and the longest playback underrun of a player that
-starts at the first byte and plays continuously. Aggregate: audio seconds per wall second. Prints a
-table; writes JSON to bench/results/load.json.
+For each mode it starts `spectts serve` (its own process, --threads torch threads) on a free loopback
+port: `batched` is the continuous-batching scheduler (--max-batch slots), `single` the same server
+with --max-batch 1 (one request at a time, the others queued). Then for each N it runs N clients at
+once; each speaks held-out sentences one session at a time over /v1/audio/speech/stream. Per session:
+time to first audio (request sent -> first PCM frame), the real-time factor (session wall time / audio
+seconds) and the longest playback underrun of a player that starts at the first byte and plays
+continuously. Aggregate: audio seconds per wall second; refused sessions (503, admission control)
+and failed ones are counted apart. Prints one table, both modes side by side; writes JSON to
+bench/results/load.json.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ async def session(url: str, text: str, sample_rate: int) -> dict:
         start = time.perf_counter()
         await ws.send(json.dumps({"type": "input.text", "text": text}))
         await ws.send(json.dumps({"type": "input.done"}))
-        first, audio, arrivals, error = None, 0.0, [], None
+        first, audio, arrivals, error, refused = None, 0.0, [], None, False
         while True:
             msg = await ws.recv()
             now = time.perf_counter()
@@ -68,13 +72,14 @@ async def session(url: str, text: str, sample_rate: int) -> dict:
                 continue
             event = json.loads(msg)
             if event["type"] == "error":
-                error = event["error"]
+                refused = event["error"].get("code") == "server_busy"
+                error = None if refused else event["error"]
             if event["type"] in ("session.done", "error"):
                 break
     wall = time.perf_counter() - start
     return {"ttfa": (first - start) if first else None, "audio": audio, "wall": wall,
             "rtf": wall / audio if audio else None, "underrun": underrun(arrivals),
-            "error": error}
+            "error": error, "refused": refused}
 
 
 async def run_level(url: str, n: int, per_client: int, sentences: list[str], rate: int) -> dict:
@@ -85,16 +90,18 @@ async def run_level(url: str, n: int, per_client: int, sentences: list[str], rat
                 out.append(await session(url, sentences[(i * per_client + j) % len(sentences)], rate))
             except Exception as exc:  # noqa: BLE001 — a failed session is a measured error
                 out.append({"error": repr(exc), "ttfa": None, "audio": 0.0, "rtf": None,
-                            "underrun": 0.0, "wall": 0.0})
+                            "underrun": 0.0, "wall": 0.0, "refused": False})
         return out
 
     start = time.perf_counter()
     results = [r for rs in await asyncio.gather(*(client(i) for i in range(n))) for r in rs]
     wall = time.perf_counter() - start
-    ok = [r for r in results if not r["error"] and r["ttfa"] is not None]
+    ok = [r for r in results if not r["error"] and not r["refused"] and r["ttfa"] is not None]
+    refused = sum(r["refused"] for r in results)
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]  # noqa: E731
     ttfa = [r["ttfa"] for r in ok]
-    return {"clients": n, "sessions": len(results), "errors": len(results) - len(ok),
+    return {"clients": n, "sessions": len(results), "refused": refused,
+            "errors": len(results) - len(ok) - refused,
             "ttfa_p50_ms": 1000 * statistics.median(ttfa) if ttfa else None,
             "ttfa_p95_ms": 1000 * q(ttfa, 95) if ttfa else None,
             "rtf_median": statistics.median(r["rtf"] for r in ok) if ok else None,
@@ -102,56 +109,75 @@ async def run_level(url: str, n: int, per_client: int, sentences: list[str], rat
             "audio_seconds_per_second": sum(r["audio"] for r in ok) / wall}
 
 
+def serve(args: argparse.Namespace, max_batch: int):
+    """Start a server process; returns (process, port) once it is ready."""
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--threads",
+           str(args.threads), "--max-batch", str(max_batch), "--decoding", args.decoding,
+           "--accept", args.accept, "--log-level", "warning"]
+    if args.bundle:
+        cmd += ["--bundle", args.bundle]
+    server = subprocess.Popen(cmd)
+    deadline = time.time() + 300
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
+                return server, port
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or server.poll() is not None:
+            server.terminate()
+            raise SystemExit("the server did not become ready")
+        time.sleep(0.5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--clients", default="1,4,16")
+    ap.add_argument("--clients", default="1,4,16,32")
     ap.add_argument("--requests-per-client", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=32)
+    ap.add_argument("--modes", default="batched,single", help="batched: --max-batch slots; "
+                                                              "single: one request at a time")
     ap.add_argument("--decoding", default="auto")
     ap.add_argument("--accept", default="exact")
     ap.add_argument("--bundle", default=None)
     ap.add_argument("--out", default="bench/results/load.json")
     args = ap.parse_args()
-    port = free_port()
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--threads",
-           str(args.threads), "--max-batch", str(args.max_batch), "--decoding", args.decoding,
-           "--accept", args.accept, "--log-level", "warning"]
-    if args.bundle:
-        cmd += ["--bundle", args.bundle]
-    server = subprocess.Popen(cmd)
-    try:
-        import httpx
+    import httpx
 
-        deadline = time.time() + 300
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.time() > deadline or server.poll() is not None:
-                raise SystemExit("the server did not become ready")
-            time.sleep(0.5)
-        voices = httpx.get(f"http://127.0.0.1:{port}/v1/audio/voices").json()["voices"]
-        rate = int(voices[0].get("sample_rate", 22050))
-        url = f"ws://127.0.0.1:{port}/v1/audio/speech/stream"
-        sentences = load_eval_sentences()
-        rows = []
-        for n in tqdm([int(x) for x in args.clients.split(",")], desc="load levels"):
-            rows.append(asyncio.run(run_level(url, n, args.requests_per_client, sentences, rate)))
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    print(f"\nserver: {args.threads} torch thread(s), max batch {args.max_batch}, decoding "
-          f"{args.decoding}/{args.accept}; {args.requests_per_client} sessions per client")
-    print(f"{'N':>3} {'sessions':>8} {'err':>4} {'TTFA p50':>9} {'p95':>7} {'RTF med':>8} "
-          f"{'underrun':>9} {'audio s/s':>10}")
+    levels = [int(x) for x in args.clients.split(",")]
+    modes = args.modes.split(",")
+    sentences = load_eval_sentences()
+    rows = []
+    bar = tqdm(total=len(levels) * len(modes), desc="load levels")
+    for mode in modes:
+        server, port = serve(args, args.max_batch if mode == "batched" else 1)
+        try:
+            voices = httpx.get(f"http://127.0.0.1:{port}/v1/audio/voices").json()["voices"]
+            rate = int(voices[0].get("sample_rate", 22050))
+            url = f"ws://127.0.0.1:{port}/v1/audio/speech/stream"
+            for n in levels:
+                row = asyncio.run(run_level(url, n, args.requests_per_client, sentences, rate))
+                rows.append({"mode": mode, **row})
+                bar.update()
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+    bar.close()
+    print(f"\nserver: {args.threads} torch thread(s), decoding {args.decoding}/{args.accept}; "
+          f"batched = --max-batch {args.max_batch}, single = --max-batch 1; "
+          f"{args.requests_per_client} sessions per client")
+    print(f"{'mode':>8} {'N':>3} {'sessions':>8} {'refused':>7} {'err':>4} {'TTFA p50':>9} {'p95':>7} "
+          f"{'RTF med':>8} {'underrun':>9} {'audio s/s':>10}")
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{r['clients']:>3} {r['sessions']:>8} {r['errors']:>4} {fmt(r['ttfa_p50_ms'], '8.0f')}ms "
-              f"{fmt(r['ttfa_p95_ms'], '5.0f')}ms {fmt(r['rtf_median'], '8.3f')} "
-              f"{r['max_underrun_ms']:7.0f}ms {r['audio_seconds_per_second']:10.2f}")
+        print(f"{r['mode']:>8} {r['clients']:>3} {r['sessions']:>8} {r['refused']:>7} "
+              f"{r['errors']:>4} {fmt(r['ttfa_p50_ms'], '8.0f')}ms {fmt(r['ttfa_p95_ms'], '5.0f')}ms "
+              f"{fmt(r['rtf_median'], '8.3f')} {r['max_underrun_ms']:7.0f}ms "
+              f"{r['audio_seconds_per_second']:10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

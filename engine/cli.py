@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCHES = {"engine": "bench.engine_bench", "load": "bench.load", "voice": "bench.eval_voice"}
+BENCHES = {"engine": "bench.engine_bench", "load": "bench.load", "soak": "bench.soak",
+           "voice": "bench.eval_voice"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ class BlockLayout:
     slot_range: tuple[int, int] | None  # (first, last+1) when slots are consecutive: read by slicing
     positions: torch.Tensor  # (B, T) rotary position of each new token
     writes: list[tuple[int, int, int]]  # per sequence: (slot, first cache index, block length)
+    rows: tuple[torch.Tensor, ...]  # (b, t, slot, cache index) of every real (unpadded) row, (R,) each
     attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None: attend to all
     span: int  # S
 
@@ -98,10 +99,14 @@ class KVCache:
             mask[b, 0, n:, 0] = True  # padding rows attend to one entry so softmax stays finite
         consecutive = slots == list(range(slots[0], slots[0] + B))
         dev = self.device
+        rows = [(b, t, s, start + t) for b, (s, start, par) in enumerate(zip(slots, starts, parents))
+                for t in range(len(par))]
         return BlockLayout(slots=torch.tensor(slots, dtype=torch.long, device=dev),
                            slot_range=(slots[0], slots[0] + B) if consecutive else None,
                            positions=positions.to(dev),
                            writes=[(s, start, len(par)) for s, start, par in zip(slots, starts, parents)],
+                           rows=tuple(torch.tensor(x, dtype=torch.long, device=dev)
+                                      for x in zip(*rows)),
                            # one token of one sequence sees its whole prefix: no mask needed
                            attn_mask=None if B == T == 1 else mask.to(dev), span=span)
 
@@ -110,9 +115,9 @@ class KVCache:
         """Write the block's k, v (B, Hkv, T, hd) into the cache; return the keys and values that
         the block attends to, (B, Hkv, S, hd) each."""
         kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
-        for b, (slot, start, n) in enumerate(layout.writes):  # padding rows are not written
-            kc[slot, :, start:start + n] = k[b, :, :n]
-            vc[slot, :, start:start + n] = v[b, :, :n]
+        b, t, slot, index = layout.rows  # padding rows are not written
+        kc[slot, :, index] = k[b, :, t]  # (R, Hkv, hd) each side
+        vc[slot, :, index] = v[b, :, t]
         if layout.slot_range is not None:
             first, end = layout.slot_range
             return kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]

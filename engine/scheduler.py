@@ -14,8 +14,11 @@ No torch, no threads: plain policy, tested on its own.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 
 @dataclass
@@ -81,12 +84,49 @@ class Policy:
             return ranked
         return [s for s in ranked if s.playback.slack(now) <= self.ahead_s]
 
-    def refuse(self, running: list[Scheduled], oldest_wait_s: float | None, now: float
-               ) -> str | None:
-        """Why a new request should be refused now (HTTP 503), or None to admit it."""
+    def refuse(self, running: list[Scheduled], oldest_wait_s: float | None, now: float,
+               waiting: int = 0, capacity: int | None = None) -> str | None:
+        """Why a new request should be refused now (HTTP 503), or None to admit it. `capacity`: the
+        streams the machine keeps ahead of real time (`Capacity.streams`), None if unknown."""
+        if capacity is not None and len(running) + waiting + 1 > capacity:
+            return (f"{len(running) + waiting} requests running or waiting; this machine keeps "
+                    f"{capacity} ahead of real time")
         if oldest_wait_s is not None and oldest_wait_s > self.max_queue_wait_s:
             return f"requests have waited {oldest_wait_s:.1f} s for a decoding slot"
         behind = [s for s in running if s.playback.started and s.playback.slack(now) < -self.behind_s]
         if behind:
             return f"{len(behind)} running stream(s) are behind real time"
         return None
+
+
+class Capacity:
+    """How many streams the engine keeps ahead of real time, learned from its own steps.
+
+    Each engine iteration records (streams it ran, its wall seconds with vocoding, audio seconds it
+    produced). A step costs about a + b * n for n streams and gives each about r seconds of audio, so n
+    streams all play in real time with `margin` to spare while r / (a + b * n) >= margin. a and b are
+    a least-squares fit over the recent window; with a single batch size in it, a = 0 (the cost is taken
+    as proportional to n, which underestimates the capacity: safe).
+    """
+
+    def __init__(self, margin: float = 1.5, window: int = 512) -> None:
+        self.margin = margin
+        self.samples: deque[tuple[int, float, float]] = deque(maxlen=window)
+
+    def record(self, streams: int, seconds: float, audio_seconds: float) -> None:
+        if streams > 0 and seconds > 0:
+            self.samples.append((streams, seconds, audio_seconds))
+
+    def streams(self) -> int | None:
+        if len(self.samples) < 8:
+            return None
+        n, t, audio = (np.array(x, dtype=float) for x in zip(*self.samples))
+        r = audio.sum() / n.sum()  # audio seconds per stream per step
+        if r <= 0:
+            return None
+        a, b = 0.0, t.sum() / n.sum()
+        if n.std() > 0.5:
+            slope, intercept = np.polyfit(n, t, 1)
+            if slope > 0 and intercept >= 0:
+                a, b = intercept, slope
+        return max(1, int((r / self.margin - a) / b))

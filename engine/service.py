@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.scheduler import Playback, Policy
+from engine.scheduler import Capacity, Playback, Policy
 from engine.sequence import Sequence
 from engine.tts import SentencePlan, TextToSpeech, merge_stats, stretch
 from engine.types import GenerationConfig, GenerationStats
@@ -32,7 +32,8 @@ _SENTENCE_END = re.compile(r"[.!?;:][\"')\]]*\s+$|\n\s*$")
 
 
 class ServiceBusy(RuntimeError):
-    """The request queue is full (HTTP 503 with Retry-After)."""
+    """The request queue is full or the running streams cannot take more (HTTP 503 with
+    Retry-After)."""
 
 
 @dataclass
@@ -143,7 +144,7 @@ class SpeechStream:
 
 class TTSService:
     def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
-                 chunk_frames: int = 24, policy: Policy = Policy(), prefill_chunk: int = 64,
+                 chunk_frames: int = 40, policy: Policy = Policy(), prefill_chunk: int = 64,
                  row_budget: int = 64, max_active: int | None = None) -> None:
         """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`chunk_size`); prefill_chunk and
         row_budget: see Engine.step; max_active: streams decoded together (default: cache slots)."""
@@ -151,6 +152,7 @@ class TTSService:
         self.max_active = min(max_active or tts.engine.cache.max_batch, tts.engine.cache.max_batch)
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.policy, self.prefill_chunk, self.row_budget = policy, prefill_chunk, row_budget
+        self.capacity = Capacity()
         self._waiting: queue.Queue[SpeechStream] = queue.Queue(maxsize=queue_size)
         self._active: list[SpeechStream] = []
         self._wake = threading.Event()
@@ -184,7 +186,8 @@ class TTSService:
         with self._waiting.mutex:
             oldest = self._waiting.queue[0].created if self._waiting.queue else None
         return self.policy.refuse([s for s in list(self._active) if s.current is not None],
-                                  None if oldest is None else now - oldest, now)
+                                  None if oldest is None else now - oldest, now,
+                                  waiting=self.waiting, capacity=self.capacity.streams())
 
     def open(self, cfg: GenerationConfig, speed: float = 1.0,
              loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
@@ -192,7 +195,7 @@ class TTSService:
         more (`overloaded`)."""
         self.tts.engine.check([self.tts.layout.bos], cfg)  # ValueError for a bad config, now
         if (reason := self.overloaded()) is not None:
-            raise ServiceBusy(f"the server is at capacity: {reason}")
+            raise ServiceBusy(reason)
         stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop())
         try:
             self._waiting.put_nowait(stream)
@@ -200,6 +203,28 @@ class TTSService:
             raise ServiceBusy("the request queue is full") from None
         self.wake()
         return stream
+
+    def calibrate(self, text: str, cfg: GenerationConfig, batches: tuple[int, ...] = (1, 8)) -> None:
+        """Seed the capacity model before serving (call before `start`): decode `text`'s first
+        sentence as batches of these sizes and vocode it, as the engine thread would."""
+        engine, plan = self.tts.engine, self.tts.plan(text)[0]
+        gen_cfg = self.tts.generation_config(plan, cfg)
+        for n in sorted({min(b, self.max_active) for b in batches}):
+            seqs = [engine.add(plan.prompt, gen_cfg, self.tts.rule(plan)) for _ in range(n)]
+            start, steps = time.perf_counter(), 0
+            try:
+                while not all(q.finished for q in seqs):
+                    engine.step([q for q in seqs if not q.finished], self.prefill_chunk,
+                                self.row_budget)
+                    steps += 1
+            finally:
+                for q in seqs:
+                    engine.release(q)
+            audio = sum(len(self.tts.vocode(interleaved.speech_tokens(self.tts.layout, q.generated)))
+                        for q in seqs) / self.tts.sample_rate
+            seconds = time.perf_counter() - start
+            for _ in range(steps):
+                self.capacity.record(n, seconds / steps, audio / steps)
 
     # --- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
@@ -221,11 +246,15 @@ class TTSService:
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
-            chosen = self.policy.select(running, time.perf_counter())
+            start = time.perf_counter()
+            chosen = self.policy.select(running, start)
+            audio_before = sum(s.audio_seconds for s in chosen)
             self._step([s.current.seq for s in chosen], chosen)
             for stream in chosen:
                 if stream.current is not None:
                     self._collect(stream)
+            self.capacity.record(len(chosen), time.perf_counter() - start,
+                                 sum(s.audio_seconds for s in chosen) - audio_before)
             self._active = [s for s in self._active if not s.closed]
             self.steps += 1
 

@@ -23,6 +23,7 @@ from server.speech import ServerState, default_config
 
 log = logging.getLogger("spectts.server")
 WARMUP_TEXT = "Ready."
+CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests for a while."
 
 
 def load_service(settings: Settings) -> TTSService:
@@ -42,6 +43,7 @@ def load_service(settings: Settings) -> TTSService:
     service = TTSService(tts, queue_size=settings.queue_size,
                          policy=Policy(max_queue_wait_s=settings.max_queue_wait_s),
                          prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget)
+    service.calibrate(CALIBRATION_TEXT, default_config(settings, tts))  # admission control's model
     service.start()
     log.info("voice %r loaded from %s on %s (%s torch threads)", tts.name, settings.bundle, device,
              torch.get_num_threads())

@@ -12,7 +12,7 @@ WebSocket sends the same body with `"type": "error"` added around it and keeps t
 | bad decoding settings (GenerationConfig)        | 400    | invalid_req.. | invalid_value       |
 | missing or wrong API key                        | 401    | invalid_req.. | invalid_api_key     |
 | unknown path / method                           | 404/405| invalid_req.. | not_found / ...     |
-| request queue full (ServiceBusy), + Retry-After | 503    | server_error  | server_busy         |
+| at capacity (ServiceBusy), + Retry-After        | 503    | server_error  | server_busy         |
 | model not loaded yet                            | 503    | server_error  | not_ready           |
 | generation timed out                            | 504    | server_error  | timeout             |
 | a failure inside the engine for this request    | 500    | server_error  | internal_error      |
@@ -65,8 +65,8 @@ def not_ready() -> APIError:
                     headers={"Retry-After": "5"})
 
 
-def busy(retry_after_s: int) -> APIError:
-    return APIError(503, "the server is busy: the request queue is full; retry later",
+def busy(retry_after_s: int, reason: str = "the request queue is full") -> APIError:
+    return APIError(503, f"the server is busy ({reason}); retry later",
                     code="server_busy", headers={"Retry-After": str(retry_after_s)})
 
 
@@ -85,7 +85,7 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
     if isinstance(exc, APIError):
         return exc
     if isinstance(exc, ServiceBusy):
-        return busy(retry_after_s)
+        return busy(retry_after_s, str(exc))
     if isinstance(exc, ValueError):  # the engine's and the frontend's "this request is invalid"
         return bad_request(str(exc))
     log.error("unexpected error", exc_info=exc)
