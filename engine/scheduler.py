@@ -69,6 +69,7 @@ class Policy:
     ahead_s: float = 2.0  # while any is urgent, streams with more buffered than this sit out a step
     max_queue_wait_s: float = 2.0  # refuse new requests while the oldest waiting one waited this long
     behind_s: float = 0.1  # refuse new requests while a running stream has stalled this long
+    adaptive: bool = True  # False: refuse on queue wait only, never from the load (tests, benches)
 
     def order(self, streams: list[Scheduled], now: float) -> list[Scheduled]:
         """Most urgent first: startup (oldest first), then by the time each runs dry."""
@@ -88,11 +89,13 @@ class Policy:
                waiting: int = 0, capacity: int | None = None) -> str | None:
         """Why a new request should be refused now (HTTP 503), or None to admit it. `capacity`: the
         streams the machine keeps ahead of real time (`Capacity.streams`), None if unknown."""
+        if oldest_wait_s is not None and oldest_wait_s > self.max_queue_wait_s:
+            return f"requests have waited {oldest_wait_s:.1f} s for a decoding slot"
+        if not self.adaptive:
+            return None
         if capacity is not None and len(running) + waiting + 1 > capacity:
             return (f"{len(running) + waiting} requests running or waiting; this machine keeps "
                     f"{capacity} ahead of real time")
-        if oldest_wait_s is not None and oldest_wait_s > self.max_queue_wait_s:
-            return f"requests have waited {oldest_wait_s:.1f} s for a decoding slot"
         behind = [s for s in running if s.playback.started and s.playback.slack(now) < -self.behind_s]
         if behind:
             return f"{len(behind)} running stream(s) are behind real time"

@@ -41,7 +41,8 @@ def load_service(settings: Settings) -> TTSService:
                        max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks)
     tts.synthesize(WARMUP_TEXT, default_config(settings, tts))  # also checks the default decoding
     service = TTSService(tts, queue_size=settings.queue_size,
-                         policy=Policy(max_queue_wait_s=settings.max_queue_wait_s),
+                         policy=Policy(max_queue_wait_s=settings.max_queue_wait_s,
+                                       adaptive=settings.admission_control),
                          prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget)
     service.calibrate(CALIBRATION_TEXT, default_config(settings, tts))  # admission control's model
     service.start()

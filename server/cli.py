@@ -29,6 +29,10 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--max-queue-wait", {"type": float, "dest": "max_queue_wait_s",
                           "help": "refuse new requests (503) once the oldest waiting one has "
                                   "waited this long (default 2 s)"}),
+    ("--no-admission-control", {"action": "store_const", "const": False,
+                                "dest": "admission_control",
+                                "help": "refuse only when the queue is full or old, never from "
+                                        "the measured load"}),
     ("--prefill-chunk", {"type": int, "help": "prompt tokens prefilled per step (default 64)"}),
     ("--row-budget", {"type": int, "help": "speculative rows per step across the batch "
                                            "(default 64; 0: no cap)"}),

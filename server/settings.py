@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     max_queue_wait_s: float = Field(2.0, gt=0, description="admission control: new requests get "
                                     "503 while the oldest waiting one has waited this long (or a "
                                     "running stream is behind real time)")
+    admission_control: bool = Field(True, description="refuse (503) new requests beyond the "
+                                    "streams this machine keeps ahead of real time, or while one "
+                                    "is behind; false: only the queue limits apply")
     prefill_chunk: int = Field(64, ge=0, description="prompt tokens a newcomer prefills per step, "
                                                      "so running streams are not stalled; 0: all")
     row_budget: int = Field(64, ge=0, description="speculative candidate rows per step across "

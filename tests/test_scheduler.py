@@ -57,7 +57,24 @@ def test_admission_refuses_when_behind_or_queue_is_old():
     assert policy.refuse(fine, oldest_wait_s=1.0, now=10.0) is None
     assert "waited" in policy.refuse(fine, oldest_wait_s=2.5, now=10.0)
     assert "behind" in policy.refuse(fine + [S("stalled", 0.0, 9.7)], None, now=10.0)
+    assert "ahead of real time" in policy.refuse(fine, None, now=10.0, waiting=1, capacity=3)
+    assert policy.refuse(fine, None, now=10.0, waiting=0, capacity=3) is None
+    relaxed = Policy(max_queue_wait_s=2.0, adaptive=False)
+    assert relaxed.refuse(fine + [S("stalled", 0.0, 9.7)], None, now=10.0, capacity=1) is None
 
+
+def test_capacity_is_learned_from_step_costs():
+    from engine.scheduler import Capacity
+
+    cap = Capacity(margin=1.0)
+    assert cap.streams() is None  # nothing measured yet: no limit
+    for n in (1, 2, 4, 8) * 4:  # a step costs 10 ms + 5 ms per stream, gives each 40 ms of audio
+        cap.record(n, 0.010 + 0.005 * n, 0.040 * n)
+    assert cap.streams() == 6  # 40 / (10 + 5 n) >= 1  <=>  n <= 6
+    same = Capacity(margin=1.0)
+    for _ in range(10):  # one batch size only: cost taken as proportional (safe side)
+        same.record(4, 0.030, 0.160)
+    assert same.streams() == 5  # 40 ms of audio per 7.5 ms-per-stream step
 
 # --- forward grouping ---------------------------------------------------------------------------
 def cost(groups, lengths, overhead):

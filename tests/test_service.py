@@ -22,7 +22,8 @@ def tts(tiny_voice):
 
 @pytest.fixture()
 def service(tts):
-    svc = TTSService(tts, queue_size=2, first_chunk_frames=2, chunk_frames=5)
+    svc = TTSService(tts, queue_size=2, first_chunk_frames=2, chunk_frames=5,
+                     policy=Policy(adaptive=False))  # behaviour, not capacity
     svc.start()
     yield svc
     svc.stop()
