@@ -24,7 +24,7 @@ class BlockLayout:
     slot_range: tuple[int, int] | None  # (first, last+1) when slots are consecutive: read by slicing
     positions: torch.Tensor  # (B, T) rotary position of each new token
     writes: list[tuple[int, int, int]]  # per sequence: (slot, first cache index, block length)
-    rows: tuple[torch.Tensor, ...]  # (b, t, slot, cache index) of every real (unpadded) row, (R,) each
+    rows: tuple[torch.Tensor, ...]  # (b, t, slot, cache index) of every real row, (R,) each; B > 1
     attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None: attend to all
     span: int  # S
 
@@ -100,7 +100,7 @@ class KVCache:
         consecutive = slots == list(range(slots[0], slots[0] + B))
         dev = self.device
         rows = [(b, t, s, start + t) for b, (s, start, par) in enumerate(zip(slots, starts, parents))
-                for t in range(len(par))]
+                for t in range(len(par))] if B > 1 else [(0, 0, slots[0], starts[0])]
         return BlockLayout(slots=torch.tensor(slots, dtype=torch.long, device=dev),
                            slot_range=(slots[0], slots[0] + B) if consecutive else None,
                            positions=positions.to(dev),
@@ -115,9 +115,14 @@ class KVCache:
         """Write the block's k, v (B, Hkv, T, hd) into the cache; return the keys and values that
         the block attends to, (B, Hkv, S, hd) each."""
         kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
-        b, t, slot, index = layout.rows  # padding rows are not written
-        kc[slot, :, index] = k[b, :, t]  # (R, Hkv, hd) each side
-        vc[slot, :, index] = v[b, :, t]
+        if len(layout.writes) == 1:  # one sequence: a slice (no index tensors to build or read)
+            slot, start, n = layout.writes[0]
+            kc[slot, :, start:start + n] = k[0, :, :n]
+            vc[slot, :, start:start + n] = v[0, :, :n]
+        else:  # every real row of every sequence in one indexed write; padding rows are skipped
+            b, t, slot, index = layout.rows
+            kc[slot, :, index] = k[b, :, t]  # (R, Hkv, hd) each side
+            vc[slot, :, index] = v[b, :, t]
         if layout.slot_range is not None:
             first, end = layout.slot_range
             return kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]
