@@ -91,9 +91,9 @@ def build_codebook(shards: list[Path], path: Path, k: int = 512, frames: int = 2
     np.save(path, centroids.numpy().astype(np.float32))
 
 
-def add_tokens(shard: Path, centroids: torch.Tensor) -> None:
+def add_tokens(shard: Path, centroids: torch.Tensor, force: bool = False) -> None:
     data = dict(np.load(shard))
-    if "tokens" in data:
+    if "tokens" in data and not force:
         return
     tokens = assign_tokens(torch.from_numpy(data["mel"].astype(np.float32)), centroids)
     data["tokens"] = tokens.numpy().astype(np.int16)
@@ -109,6 +109,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("data/voice"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="only the first N shards (smoke runs)")
+    ap.add_argument("--codebook-from", type=Path, default=None,
+                    help="a voice bundle (or its tokenizer.safetensors): use its codebook instead of "
+                         "k-means, so training continues a shipped voice whose vocoder reads it")
     args = ap.parse_args()
     torch.set_num_threads(args.workers)
     (args.out / "shards").mkdir(parents=True, exist_ok=True)
@@ -124,14 +127,23 @@ def main() -> None:
     print(f"synthesis: {time.time() - t0:.0f} s")
     shards = [j[1] for j in jobs]
     codebook = args.out / "codebook.npy"
-    if not codebook.exists():
+    force = False
+    if args.codebook_from is not None:
+        from safetensors.numpy import load_file
+
+        src = args.codebook_from
+        given = load_file(src / "tokenizer.safetensors" if src.is_dir() else src)["centroids"]
+        given = given.astype(np.float32)
+        force = not (codebook.exists() and np.array_equal(np.load(codebook), given))
+        np.save(codebook, given)  # a new codebook: every shard is tokenised again
+    elif not codebook.exists():
         t0 = time.time()
         build_codebook([s for s in shards if "train" in s.name], codebook)
         print(f"k-means: {time.time() - t0:.0f} s")
     centroids = torch.from_numpy(np.load(codebook))
     t0 = time.time()
     for shard in tqdm(shards, desc="tokens"):
-        add_tokens(shard, centroids)
+        add_tokens(shard, centroids, force)
     print(f"tokens: {time.time() - t0:.0f} s")
 
 
