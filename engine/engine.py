@@ -101,8 +101,10 @@ class Engine:
         return self.generate_batch([prompt], [cfg], [rule])[0]
 
     def generate_batch(self, prompts: list[list[int]], cfgs: list[GenerationConfig],
-                       rules: list[TokenRule | None] | None = None) -> list[GenerationResult]:
-        """Run sequences together to the end; results equal running each alone."""
+                       rules: list[TokenRule | None] | None = None, prefill_chunk: int = 0,
+                       row_budget: int = 0) -> list[GenerationResult]:
+        """Run sequences together to the end; results equal running each alone (prefill_chunk and
+        row_budget: see `step`)."""
         rules = rules or [None] * len(prompts)
         for prompt, cfg in zip(prompts, cfgs):
             self.check(prompt, cfg)
@@ -112,7 +114,7 @@ class Engine:
                 seqs.append(self.add(prompt, cfg, rule))
             active = list(seqs)
             while active:
-                self.step(active)
+                self.step(active, prefill_chunk, row_budget)
                 active = [s for s in active if not s.finished]
         finally:
             for s in seqs:
@@ -185,7 +187,7 @@ class Engine:
         blocks = [p[:prefill_chunk] if ch else p for p, ch in zip(pending, chunked)]
         room = [0 if ch else r for r, ch in zip(room, chunked)]
         if row_budget > 0:
-            spec = [b for b, s in enumerate(seqs) if s.cfg.decoding != "plain" and room[b] > 0]
+            spec = {b for b, s in enumerate(seqs) if s.cfg.decoding != "plain" and room[b] > 0}
             if spec:
                 cap = max(1, (row_budget - sum(map(len, blocks))) // len(spec))
                 room = [min(r, cap) if b in spec else r for b, r in enumerate(room)]

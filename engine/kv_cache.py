@@ -24,7 +24,7 @@ class BlockLayout:
     slot_range: tuple[int, int] | None  # (first, last+1) when slots are consecutive: read by slicing
     positions: torch.Tensor  # (B, T) rotary position of each new token
     writes: list[tuple[int, int, int]]  # per sequence: (slot, first cache index, block length)
-    rows: tuple[torch.Tensor, ...]  # (b, t, slot, cache index) of every real row, (R,) each; B > 1
+    rows: tuple[torch.Tensor, ...] | None  # B > 1: (b, t, slot, cache index) of every real row
     attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None: attend to all
     span: int  # S
 
@@ -99,14 +99,16 @@ class KVCache:
             mask[b, 0, n:, 0] = True  # padding rows attend to one entry so softmax stays finite
         consecutive = slots == list(range(slots[0], slots[0] + B))
         dev = self.device
-        rows = [(b, t, s, start + t) for b, (s, start, par) in enumerate(zip(slots, starts, parents))
-                for t in range(len(par))] if B > 1 else [(0, 0, slots[0], starts[0])]
+        rows = None  # one sequence writes a slice (`writes`)
+        if B > 1:
+            rows = tuple(torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*(
+                (b, t, s, start + t) for b, (s, start, par) in enumerate(zip(slots, starts, parents))
+                for t in range(len(par)))))
         return BlockLayout(slots=torch.tensor(slots, dtype=torch.long, device=dev),
                            slot_range=(slots[0], slots[0] + B) if consecutive else None,
                            positions=positions.to(dev),
                            writes=[(s, start, len(par)) for s, start, par in zip(slots, starts, parents)],
-                           rows=tuple(torch.tensor(x, dtype=torch.long, device=dev)
-                                      for x in zip(*rows)),
+                           rows=rows,
                            # one token of one sequence sees its whole prefix: no mask needed
                            attn_mask=None if B == T == 1 else mask.to(dev), span=span)
 
@@ -115,7 +117,7 @@ class KVCache:
         """Write the block's k, v (B, Hkv, T, hd) into the cache; return the keys and values that
         the block attends to, (B, Hkv, S, hd) each."""
         kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
-        if len(layout.writes) == 1:  # one sequence: a slice (no index tensors to build or read)
+        if layout.rows is None:  # one sequence: a slice (no index tensors to build or read)
             slot, start, n = layout.writes[0]
             kc[slot, :, start:start + n] = k[0, :, :n]
             vc[slot, :, start:start + n] = v[0, :, :n]

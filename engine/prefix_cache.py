@@ -36,13 +36,11 @@ class PrefixCache:
             raise ValueError("the prefix cache needs capacity_blocks >= 1 and block >= 1")
         layers, _, heads, _, head_dim = cache.k.shape
         shape = (layers, capacity_blocks, heads, block, head_dim)
-        self.cache, self.block, self.capacity = cache, block, capacity_blocks
+        self.cache, self.block = cache, block
         self.k = torch.zeros(shape, dtype=cache.k.dtype, device=cache.device)
         self.v = torch.zeros(shape, dtype=cache.v.dtype, device=cache.device)
         self._where: OrderedDict[bytes, int] = OrderedDict()  # key -> pool index, LRU order
         self._free = list(range(capacity_blocks - 1, -1, -1))
-        self.hit_tokens = 0  # prompt tokens taken from the pool instead of computed
-        self.query_tokens = 0  # prompt tokens looked up
 
     @property
     def blocks_in_use(self) -> int:
@@ -54,7 +52,6 @@ class PrefixCache:
         if self.cache.lengths[slot]:
             raise ValueError("prefix reuse needs an empty slot")
         usable = (len(prompt) - 1) // self.block * self.block
-        self.query_tokens += len(prompt)
         blocks = []
         for key in block_keys(prompt[:usable], self.block):
             index = self._where.get(key)
@@ -72,7 +69,6 @@ class PrefixCache:
             got = pool.index_select(1, idx).permute(0, 2, 1, 3, 4)
             dest[:, slot, :, :n] = got.reshape(got.shape[0], got.shape[1], n, got.shape[-1])
         self.cache.lengths[slot] = n
-        self.hit_tokens += n
         return n
 
     def save(self, slot: int, prompt: list[int]) -> None:

@@ -71,7 +71,7 @@ class Policy:
     behind_s: float = 0.1  # refuse new requests while a running stream has stalled this long
     adaptive: bool = True  # False: refuse on queue wait only, never from the load (tests, benches)
 
-    def order(self, streams: list[Scheduled], now: float) -> list[Scheduled]:
+    def order(self, streams: list[Scheduled]) -> list[Scheduled]:
         """Most urgent first: startup (oldest first), then by the time each runs dry."""
         def key(s: Scheduled) -> tuple[int, float]:
             p = s.playback
@@ -80,7 +80,7 @@ class Policy:
 
     def select(self, streams: list[Scheduled], now: float) -> list[Scheduled]:
         """The streams the next step runs, most urgent first."""
-        ranked = self.order(streams, now)
+        ranked = self.order(streams)
         if not any(s.playback.slack(now) < self.urgent_s for s in ranked):
             return ranked
         return [s for s in ranked if s.playback.slack(now) <= self.ahead_s]
@@ -123,7 +123,8 @@ class Capacity:
     def streams(self) -> int | None:
         if len(self.samples) < 8:
             return None
-        n, t, audio = (np.array(x, dtype=float) for x in zip(*self.samples))
+        # a snapshot: the engine thread appends while request threads ask
+        n, t, audio = (np.array(x, dtype=float) for x in zip(*tuple(self.samples)))
         r = audio.sum() / n.sum()  # audio seconds per stream per step
         if r <= 0:
             return None

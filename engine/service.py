@@ -145,11 +145,11 @@ class SpeechStream:
 class TTSService:
     def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
                  chunk_frames: int = 40, policy: Policy = Policy(), prefill_chunk: int = 64,
-                 row_budget: int = 64, max_active: int | None = None) -> None:
+                 row_budget: int = 64) -> None:
         """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`chunk_size`); prefill_chunk and
-        row_budget: see Engine.step; max_active: streams decoded together (default: cache slots)."""
+        row_budget: see Engine.step."""
         self.tts = tts
-        self.max_active = min(max_active or tts.engine.cache.max_batch, tts.engine.cache.max_batch)
+        self.max_active = tts.engine.cache.max_batch
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.policy, self.prefill_chunk, self.row_budget = policy, prefill_chunk, row_budget
         self.capacity = Capacity()
@@ -207,22 +207,17 @@ class TTSService:
     def calibrate(self, text: str, cfg: GenerationConfig, batches: tuple[int, ...] = (1, 8)) -> None:
         """Seed the capacity model before serving (call before `start`): decode `text`'s first
         sentence as batches of these sizes and vocode it, as the engine thread would."""
-        engine, plan = self.tts.engine, self.tts.plan(text)[0]
+        plan = self.tts.plan(text)[0]
         gen_cfg = self.tts.generation_config(plan, cfg)
         for n in sorted({min(b, self.max_active) for b in batches}):
-            seqs = [engine.add(plan.prompt, gen_cfg, self.tts.rule(plan)) for _ in range(n)]
-            start, steps = time.perf_counter(), 0
-            try:
-                while not all(q.finished for q in seqs):
-                    engine.step([q for q in seqs if not q.finished], self.prefill_chunk,
-                                self.row_budget)
-                    steps += 1
-            finally:
-                for q in seqs:
-                    engine.release(q)
-            audio = sum(len(self.tts.vocode(interleaved.speech_tokens(self.tts.layout, q.generated)))
-                        for q in seqs) / self.tts.sample_rate
+            start = time.perf_counter()
+            results = self.tts.engine.generate_batch(
+                [plan.prompt] * n, [gen_cfg] * n, [self.tts.rule(plan) for _ in range(n)],
+                self.prefill_chunk, self.row_budget)
+            audio = sum(len(self.tts.vocode(interleaved.speech_tokens(self.tts.layout, r.tokens)))
+                        for r in results) / self.tts.sample_rate
             seconds = time.perf_counter() - start
+            steps = max(r.stats.target_forwards for r in results)  # same prompts: one per step
             for _ in range(steps):
                 self.capacity.record(n, seconds / steps, audio / steps)
 

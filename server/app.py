@@ -22,7 +22,6 @@ from server.settings import Settings
 from server.speech import ServerState, default_config
 
 log = logging.getLogger("spectts.server")
-WARMUP_TEXT = "Ready."
 CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests for a while."
 
 
@@ -39,12 +38,12 @@ def load_service(settings: Settings) -> TTSService:
         torch.set_num_threads(threads)
     tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
                        max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks)
-    tts.synthesize(WARMUP_TEXT, default_config(settings, tts))  # also checks the default decoding
     service = TTSService(tts, queue_size=settings.queue_size,
                          policy=Policy(max_queue_wait_s=settings.max_queue_wait_s,
                                        adaptive=settings.admission_control),
                          prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget)
-    service.calibrate(CALIBRATION_TEXT, default_config(settings, tts))  # admission control's model
+    # the warm-up: seeds admission control's model, and checks the default decoding on this bundle
+    service.calibrate(CALIBRATION_TEXT, default_config(settings, tts))
     service.start()
     log.info("voice %r loaded from %s on %s (%s torch threads)", tts.name, settings.bundle, device,
              torch.get_num_threads())

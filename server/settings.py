@@ -50,9 +50,8 @@ class Settings(BaseSettings):
                                                 "continuous: requests join and leave between "
                                                 "steps); more wait in the queue; 1: one at a time")
     queue_size: int = Field(64, ge=1, description="requests waiting for a batch slot; beyond: 503")
-    max_queue_wait_s: float = Field(2.0, gt=0, description="admission control: new requests get "
-                                    "503 while the oldest waiting one has waited this long (or a "
-                                    "running stream is behind real time)")
+    max_queue_wait_s: float = Field(2.0, gt=0, description="new requests get 503 while the "
+                                    "oldest waiting one has waited this long")
     admission_control: bool = Field(True, description="refuse (503) new requests beyond the "
                                     "streams this machine keeps ahead of real time, or while one "
                                     "is behind; false: only the queue limits apply")

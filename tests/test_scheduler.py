@@ -40,7 +40,7 @@ def names(streams):
 def test_startup_first_then_closest_to_running_dry():
     streams = [S("ahead", 0.0, 15.0), S("late", 2.0), S("dry", 0.0, 10.2), S("early", 1.0),
                S("mid", 0.0, 11.0)]
-    assert names(Policy().order(streams, now=10.0)) == ["early", "late", "dry", "mid", "ahead"]
+    assert names(Policy().order(streams)) == ["early", "late", "dry", "mid", "ahead"]
 
 
 def test_streams_far_ahead_sit_out_while_one_is_urgent():
