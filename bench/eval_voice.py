@@ -203,7 +203,8 @@ def parse_systems(systems: str | None, modes: str | None) -> list[str]:
 
 def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcriber,
              bundle: Path | None = None, device: str = "cpu", save_wavs: Path | None = None,
-             progress: bool = True, log: Callable[[str], None] = print) -> dict:
+             progress: bool = True, log: Callable[[str], None] = print,
+             phoneme_coverage: float | None = None) -> dict:
     """Speak, transcribe and score; returns the report (see `main` for its JSON form)."""
     from tqdm import tqdm
 
@@ -238,7 +239,7 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
     if modes:
         from engine.tts import TextToSpeech
 
-        tts = TextToSpeech(bundle, device=device)
+        tts = TextToSpeech(bundle, device=device, phoneme_coverage=phoneme_coverage)
         skipped = unsupported_modes(tts, modes)
         for mode in modes:
             if mode in skipped:
@@ -310,6 +311,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch and CTranslate2 threads (default 1)")
     ap.add_argument("--device", default="cpu", help="TTS and vocoder device (the judge runs on the CPU)")
     ap.add_argument("--beam-size", type=int, default=5, help="Whisper beam size")
+    ap.add_argument("--phoneme-coverage", type=float, default=None,
+                    help="TTS: per-phoneme speech-token constraint (default: the bundle's; 1: off)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -340,7 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     start = time.perf_counter()
     report = evaluate(sentences, systems, judge, bundle=args.bundle, device=args.device,
-                      save_wavs=args.save_wavs, progress=not args.no_progress)
+                      save_wavs=args.save_wavs, progress=not args.no_progress,
+                      phoneme_coverage=args.phoneme_coverage)
+    report["phoneme_coverage"] = args.phoneme_coverage
     report["judge"] = {"model": "whisper-base (CTranslate2, int8, CPU)", "model_dir": str(judge.model_dir),
                        "beam_size": args.beam_size, "language": "en", "vad_filter": False}
     report["threads"] = args.threads

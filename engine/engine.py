@@ -62,6 +62,9 @@ class Engine:
         """prefix_blocks > 0: keep that many blocks of `prefix_block` prompt tokens for reuse."""
         self.bundle = bundle
         self.target, self.draft, self.heads = bundle.target, bundle.draft, bundle.heads
+        for model in (self.target, self.draft):  # the engine never trains: fused projections
+            if model is not None:
+                model.fuse_projections()
         cfg = self.target.config
         self.vocab_size = cfg.vocab_size
         self.device = next(self.target.parameters()).device

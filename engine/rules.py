@@ -50,18 +50,23 @@ class NoRule:
 class InterleavedRule:
     """ELLA-V-style interleaving: p1 s s … EOP p2 s s … EOP … pn s … EOP EOS.
 
-    Each phoneme is forced; after it only speech tokens or the end-of-phoneme marker may follow; after
+    Each phoneme is forced; after it only speech tokens or the end-of-phoneme marker may follow (one
+    mask for all phonemes, or one per phoneme: e.g. the tokens that phoneme was spoken with); after
     the last phoneme's marker the end of speech is forced. `max_frames` (optional) forces the marker
     after that many speech tokens of one phoneme, so a phoneme can never run on.
     State: (index of the current phoneme, speech frames emitted for it; -1 while the phoneme is due).
     """
 
-    def __init__(self, phonemes: list[int], speech_and_eop: torch.Tensor, eop: int, eos: int,
-                 max_frames: int = 0) -> None:
+    def __init__(self, phonemes: list[int], speech_and_eop: torch.Tensor | list[torch.Tensor],
+                 eop: int, eos: int, max_frames: int = 0) -> None:
         if not phonemes:
             raise ValueError("an interleaved rule needs at least one phoneme")
         self.phonemes, self.eop, self.eos, self.max_frames = list(phonemes), eop, eos, max_frames
-        self._speech = Constraint(allowed=speech_and_eop)
+        if isinstance(speech_and_eop, torch.Tensor):  # one (V,) mask for every phoneme
+            speech_and_eop = [speech_and_eop] * len(self.phonemes)
+        if len(speech_and_eop) != len(self.phonemes):
+            raise ValueError("one allowed mask per phoneme")
+        self._speech = [Constraint(allowed=m) for m in speech_and_eop]
         self._eop = Constraint(forced=eop)
         self._end = Constraint(forced=eos)
 
@@ -82,4 +87,4 @@ class InterleavedRule:
             return self._end if idx >= len(self.phonemes) else Constraint(forced=self.phonemes[idx])
         if self.max_frames and frames >= self.max_frames:
             return self._eop
-        return self._speech
+        return self._speech[min(idx, len(self._speech) - 1)]  # past the end only in drafts

@@ -67,7 +67,10 @@ def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]
 
 class TextToSpeech:
     def __init__(self, bundle_path: str | Path = DEFAULT_VOICE, device: str = "cpu",
-                 max_batch: int = 8, max_len: int = 4096, prefix_blocks: int = 0) -> None:
+                 max_batch: int = 8, max_len: int = 4096, prefix_blocks: int = 0,
+                 phoneme_coverage: float | None = None) -> None:
+        """phoneme_coverage: restrict each phoneme's speech tokens to those covering this share of its
+        training frames (None: the bundle's setting; >= 1: no restriction)."""
         from models.frontend import Espeak, PhonemeVocab
         from models.vocoder import CausalVocos
 
@@ -85,6 +88,17 @@ class TextToSpeech:
         self.sample_rate = self.vocoder.cfg.sample_rate
         self.max_frames = int(bundle.raw.get("max_frames_per_phoneme", 0))
         self.name = bundle.raw.get("name", Path(bundle_path).name)
+        self.phoneme_masks = None
+        spec = bundle.raw.get("phoneme_tokens")
+        if spec:
+            from safetensors.numpy import load_file
+
+            counts = load_file(str(Path(bundle_path) / spec["file"]))["counts"]
+            self.coverage = float(spec.get("coverage", 1.0) if phoneme_coverage is None
+                                  else phoneme_coverage)
+            if self.coverage < 1.0:
+                self.phoneme_masks = interleaved.phoneme_allowed_masks(
+                    self.layout, counts, self.coverage, self.engine.vocab_size)
 
     # --- text -> prompts -----------------------------------------------------------------------
     def plan(self, text: str, max_chars: int = 300) -> list[SentencePlan]:
@@ -104,7 +118,8 @@ class TextToSpeech:
         return plans
 
     def rule(self, plan: SentencePlan):
-        return interleaved.rule(self.layout, plan.phonemes, self.engine.vocab_size, self.max_frames)
+        return interleaved.rule(self.layout, plan.phonemes, self.engine.vocab_size, self.max_frames,
+                                self.phoneme_masks)
 
     def max_new_tokens(self, plan: SentencePlan) -> int:
         """A hard cap: phonemes, markers and up to max_frames (or 50) frames per phoneme."""

@@ -41,14 +41,50 @@ def prompt_ids(layout: TokenLayout, phonemes: list[int]) -> list[int]:
     return [layout.bos, *(layout.phonemes[0] + p for p in phonemes), layout.sep]
 
 
-def rule(layout: TokenLayout, phonemes: list[int], vocab: int, max_frames: int = 0
-         ) -> InterleavedRule:
-    """The forced-token rule that generates `phonemes`' speech after `prompt_ids`."""
-    allowed = torch.zeros(vocab, dtype=torch.bool)
-    allowed[layout.speech[0]:layout.speech[1]] = True
-    allowed[layout.eop] = True
-    return InterleavedRule([layout.phonemes[0] + p for p in phonemes], allowed, layout.eop,
+def rule(layout: TokenLayout, phonemes: list[int], vocab: int, max_frames: int = 0,
+         phoneme_masks: list[torch.Tensor] | None = None) -> InterleavedRule:
+    """The forced-token rule that generates `phonemes`' speech after `prompt_ids`. Without
+    `phoneme_masks` any speech token (or EOP) may follow a phoneme; with them (from
+    `phoneme_allowed_masks`, indexed by phoneme-vocabulary id) only that phoneme's tokens (or EOP)."""
+    if phoneme_masks is None:
+        allowed = torch.zeros(vocab, dtype=torch.bool)
+        allowed[layout.speech[0]:layout.speech[1]] = True
+        allowed[layout.eop] = True
+        masks: torch.Tensor | list[torch.Tensor] = allowed
+    else:
+        masks = [phoneme_masks[p] for p in phonemes]
+    return InterleavedRule([layout.phonemes[0] + p for p in phonemes], masks, layout.eop,
                            layout.eos, max_frames=max_frames)
+
+
+def phoneme_token_counts(phonemes: np.ndarray, durations: np.ndarray, tokens: np.ndarray,
+                         num_speech: int) -> np.ndarray:
+    """(PHONEME_SLOTS, num_speech) int64: how often each speech token was spoken in each phoneme.
+    phonemes, durations (N,) per phoneme; tokens (sum(durations),) codebook ids."""
+    counts = np.zeros((PHONEME_SLOTS, num_speech), dtype=np.int64)
+    np.add.at(counts, (np.repeat(phonemes, durations), tokens), 1)
+    return counts
+
+
+def phoneme_allowed_masks(layout: TokenLayout, counts: np.ndarray, coverage: float, vocab: int
+                          ) -> list[torch.Tensor]:
+    """Per phoneme id, a (vocab,) bool mask: EOP plus the fewest speech tokens that cover `coverage` of
+    that phoneme's training frames (the issue's phoneme-aware output constraint). A phoneme never
+    seen in training, or coverage >= 1, allows every speech token."""
+    lo, hi = layout.speech
+    masks = []
+    for row in counts:
+        allowed = torch.zeros(vocab, dtype=torch.bool)
+        allowed[layout.eop] = True
+        total = row.sum()
+        if total == 0 or coverage >= 1.0:
+            allowed[lo:hi] = True
+        else:
+            order = np.argsort(-row, kind="stable")
+            keep = int(np.searchsorted(np.cumsum(row[order]), coverage * total)) + 1
+            allowed[lo + torch.from_numpy(order[:keep])] = True
+        masks.append(allowed)
+    return masks
 
 
 def speech_tokens(layout: TokenLayout, generated: list[int]) -> list[int]:

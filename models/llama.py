@@ -82,6 +82,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op, same numbers
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
@@ -126,14 +128,30 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
+        # inference: q, k and v projections as one matrix (see `LlamaForCausalLM.fuse_projections`)
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+
+    def fuse(self) -> None:
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = torch.cat([p.weight.detach() for p in projs])  # ((H + 2 Hkv) hd, D)
+        if self.q_proj.bias is not None:
+            self.qkv_bias = torch.cat([p.bias.detach() for p in projs])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layout: BlockLayout | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        H, Hkv = self.n_heads, self.n_kv
+        if self.qkv_weight is not None:  # one matmul, one rotary over q and k together
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, H + 2 * Hkv, self.hd)
+            qkv = qkv.transpose(1, 2)  # (B, H + 2 Hkv, T, hd)
+            q, k = apply_rotary(qkv[:, :H + Hkv], cos, sin).split([H, Hkv], dim=1)
+            v = qkv[:, H + Hkv:]  # (B, Hkv, T, hd)
+        else:
+            q = self.q_proj(x).view(B, T, H, self.hd).transpose(1, 2)  # (B, H, T, hd)
+            k = self.k_proj(x).view(B, T, Hkv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            v = self.v_proj(x).view(B, T, Hkv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         gqa = self.n_heads != self.n_kv
         if cache is None:  # training: a causal pass over whole sequences (right padding only)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -150,8 +168,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.register_buffer("gate_up_weight", None, persistent=False)  # inference: gate and up fused
+        self.register_buffer("gate_up_bias", None, persistent=False)
+
+    def fuse(self) -> None:
+        self.gate_up_weight = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
+        if self.gate_proj.bias is not None:
+            self.gate_up_bias = torch.cat([self.gate_proj.bias.detach(), self.up_proj.bias.detach()])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -202,6 +230,15 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, layout)
         return self.model.norm(x)
+
+    def fuse_projections(self) -> LlamaForCausalLM:
+        """For inference: q/k/v and gate/up projections become one matmul each (fewer, larger
+        kernels; same numbers up to float rounding). Copies of the weights: call it after the
+        weights are final (loading, `.to`), never while training."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+        return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

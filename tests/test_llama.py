@@ -28,10 +28,14 @@ def gqa_config():
                        rms_norm_eps=1e-5, eos_token_id=(7,))
 
 
-def test_logits_match_transformers(tmp_path, gqa_config):
+@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-projections"])
+def test_logits_match_transformers(tmp_path, gqa_config, fused):
     ours = LlamaForCausalLM(gqa_config)
     init_weights(ours, std=0.1, seed=3)
     ours.save_pretrained(tmp_path)
+    if fused:  # what the engine runs: q/k/v and gate/up as one matmul each
+        ours.fuse_projections()
+        assert set(ours.state_dict()) == set(LlamaForCausalLM(gqa_config).state_dict())
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
     theirs.eval()
     ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(0))

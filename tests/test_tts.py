@@ -84,3 +84,40 @@ def test_cli_synth_bad_text_exits_2(tiny_voice, tmp_path, capsys, text):
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err and "\n" not in err
+
+
+def test_each_phoneme_speaks_only_its_own_tokens(tts):
+    """The phoneme-aware constraint: every frame generated after phoneme p is one of the speech tokens
+    that cover the bundle's share of p's training frames, in every decoding mode."""
+    assert tts.phoneme_masks is not None
+    plan = tts.plan("Seven quick foxes.")[0]
+    lo = tts.layout.phonemes[0]
+    for decoding, accept in [("plain", "exact"), ("heads", "tolerance"), ("draft", "tolerance")]:
+        cfg = tts.generation_config(plan, GenerationConfig(max_new_tokens=BIG, decoding=decoding,
+                                                           accept=accept, seed=3))
+        out = tts.engine.generate_batch([plan.prompt], [cfg], [tts.rule(plan)])[0].tokens
+        phoneme, frames = None, 0
+        for t in out:
+            if lo <= t < tts.layout.phonemes[1]:
+                phoneme = t - lo
+            elif tts.layout.speech[0] <= t < tts.layout.speech[1]:
+                assert tts.phoneme_masks[phoneme][t], (decoding, phoneme, t)
+                frames += 1
+        assert frames > 0
+
+
+def test_phoneme_masks_cover_the_asked_share():
+    from models import interleaved
+
+    layout = interleaved.token_layout(4)
+    counts = np.zeros((interleaved.PHONEME_SLOTS, 4), dtype=np.int64)
+    counts[0] = [5, 0, 3, 2]  # token 0 covers 50%, 0+2 80%, 0+2+3 100%
+    masks = interleaved.phoneme_allowed_masks(layout, counts, 0.8, interleaved.vocab_size(4))
+    speech = lambda m: m[layout.speech[0]:layout.speech[1]].tolist()  # noqa: E731
+    assert speech(masks[0]) == [True, False, True, False] and masks[0][layout.eop]
+    assert speech(masks[1]) == [True] * 4  # never seen in training: unconstrained
+    assert speech(interleaved.phoneme_allowed_masks(layout, counts, 0.5, 649)[0]) == [True, False, False, False]
+    assert speech(interleaved.phoneme_allowed_masks(layout, counts, 1.0, 649)[0]) == [True] * 4
+    # counting: phoneme 3 spoken for 2 frames (tokens 1, 1), phoneme 7 for 1 frame (token 2)
+    c = interleaved.phoneme_token_counts(np.array([3, 7]), np.array([2, 1]), np.array([1, 1, 2]), 4)
+    assert c[3].tolist() == [0, 2, 0, 0] and c[7].tolist() == [0, 0, 1, 0] and c.sum() == 3

@@ -32,6 +32,20 @@ def max_frames_per_phoneme(data: Path) -> int:
     return 2 * longest
 
 
+def write_phoneme_tokens(data: Path, out: Path, coverage: float) -> dict:
+    """Count which speech tokens each phoneme was spoken with (train shards) into
+    OUT/phoneme_tokens.safetensors; returns the bundle entry that points at it."""
+    num_speech = int(np.load(data / "codebook.npy").shape[0])
+    counts = np.zeros((interleaved.PHONEME_SLOTS, num_speech), dtype=np.int64)
+    for shard in sorted((data / "shards").glob("train-*.npz")):
+        z = np.load(shard)
+        counts += interleaved.phoneme_token_counts(z["phonemes"], z["durations"], z["tokens"],
+                                                   num_speech)
+    save_file({"counts": torch.from_numpy(counts.astype(np.int32))},
+              str(out / "phoneme_tokens.safetensors"))
+    return {"file": "phoneme_tokens.safetensors", "coverage": coverage}
+
+
 def half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.to(STORE).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}
 
@@ -45,6 +59,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/voice"))
     ap.add_argument("--out", type=Path, default=Path("models/default_voice"))
     ap.add_argument("--tree-nodes", type=int, default=16)
+    ap.add_argument("--phoneme-coverage", type=float, default=0.95,
+                    help="each phoneme may only use the speech tokens covering this share of its "
+                         "training frames (1: no restriction)")
     args = ap.parse_args()
 
     out = args.out
@@ -80,6 +97,7 @@ def main() -> None:
     shutil.copy(args.vocoder / "vocoder.json", out / "vocoder" / "vocoder.json")
     PhonemeVocab().save(out / "phonemes.json")
     save_file({"centroids": torch.from_numpy(codebook)}, str(out / "tokenizer.safetensors"))
+    raw["phoneme_tokens"] = write_phoneme_tokens(args.data, out, args.phoneme_coverage)
     (out / "spectts.json").write_text(json.dumps(raw, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"bundle written to {out}: {size / 1e6:.1f} MB")

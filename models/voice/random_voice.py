@@ -5,13 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
 from models import interleaved
 from models.bundle import random_bundle, save_bundle
 from models.frontend import PhonemeVocab
 from models.vocoder import CausalVocos, VocoderConfig
 
 
-def build_random_voice(path: str | Path, num_speech: int = 16, seed: int = 5) -> Path:
+def build_random_voice(path: str | Path, num_speech: int = 16, seed: int = 5,
+                       phoneme_coverage: float = 0.6) -> Path:
+    """Random weights, and random per-phoneme token counts (about half the tokens never seen for each
+    phoneme) so that the phoneme-aware output constraint binds."""
     path = Path(path)
     bundle = random_bundle(vocab_size=interleaved.vocab_size(num_speech), hidden_size=32,
                            num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
@@ -19,7 +26,14 @@ def build_random_voice(path: str | Path, num_speech: int = 16, seed: int = 5) ->
     bundle.tokens = interleaved.token_layout(num_speech)
     save_bundle(bundle, path, extra={"name": "tiny", "max_frames_per_phoneme": 4,
                                      "frontend": {"voice": "en-us", "phonemes": "phonemes.json"},
-                                     "vocoder": "vocoder"})
+                                     "vocoder": "vocoder",
+                                     "phoneme_tokens": {"file": "phoneme_tokens.safetensors",
+                                                        "coverage": phoneme_coverage}})
+    rng = np.random.default_rng(seed)
+    shape = (interleaved.PHONEME_SLOTS, num_speech)
+    counts = rng.integers(1, 100, shape) * (rng.random(shape) < 0.5)
+    save_file({"counts": torch.from_numpy(counts.astype(np.int32))},
+              str(path / "phoneme_tokens.safetensors"))
     PhonemeVocab().save(path / "phonemes.json")
     CausalVocos(VocoderConfig(num_tokens=num_speech, dim=32, intermediate=64,
                               num_blocks=2)).save(path / "vocoder")

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from models.bundle import draft_from_target
 from models.heads import DraftHeads
 from models.llama import LlamaForCausalLM
-from models.voice.train_lm import batches, collate, load_split, lr_at
+from models.voice.train_lm import batches, bf16_is_fast, collate, load_split, lr_at
 
 TOP_RANKS = 10
 TAU = 3  # tolerance accuracy: is the head's token among the LM's own top-τ at that position?
@@ -114,11 +114,12 @@ def main() -> None:
     ap.add_argument("--total-steps", type=int, default=4000)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--export", type=Path, default=None, help="write the trained part here and exit")
-    ap.add_argument("--no-bf16", dest="bf16", action="store_false",
-                    help="train in float32 (default: bfloat16 autocast)")
+    ap.add_argument("--no-bf16", dest="bf16", action="store_false", default=None,
+                    help="train in float32 (default: bfloat16 autocast where it is fast)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    args.bf16 = bf16_is_fast(device) if args.bf16 is None else args.bf16
     lm = LlamaForCausalLM.from_pretrained(args.lm, device)
     lm.requires_grad_(False)
     cfg = lm.config
