@@ -100,6 +100,33 @@ def run_transformers(bundle: Bundle, prompts, max_new: int, device: torch.device
             "target_forwards_per_token": 1.0}
 
 
+@torch.inference_mode()
+def forward_cost(engine: Engine, rows: list[int], context: int = 150, repeats: int = 30
+                 ) -> dict[int, float]:
+    """Median ms of one target forward (logits of every row included) that appends `rows` tokens as
+    a chain after `context` cached tokens, batch 1: what verifying a tree of that size costs."""
+    cache, model = engine.cache, engine.target
+    slot = cache.allocate()
+    try:
+        prefix = torch.zeros(1, context, dtype=torch.long, device=engine.device)
+        model(prefix, cache, cache.layout([slot], [list(range(-1, context - 1))]))
+        cache.commit(slot, list(range(context)))
+        out = {}
+        for n in rows:
+            ids = torch.zeros(1, n, dtype=torch.long, device=engine.device)
+            layout = cache.layout([slot], [list(range(-1, n - 1))])
+            model(ids, cache, layout)  # warm-up
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                model.logits(model(ids, cache, layout)[0]).cpu()
+                times.append(time.perf_counter() - t0)
+            out[n] = 1000 * statistics.median(times)
+        return out
+    finally:
+        cache.release(slot)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bundle", default=None)
@@ -147,6 +174,7 @@ def main() -> None:
                                    accept=accept, tau=args.tau, tree=tree, seed=0,
                                    stop_on_eos=stop, sampling=SamplingParams())
             results[f"heads {accept} {n} nodes"] = run_mode(engine, prompts, cfg)
+    cost = forward_cost(engine, [1, 2, 4, 8, 17, 33])
     hf = run_transformers(bundle, prompts, args.max_new_tokens, device)
     if hf:
         results["transformers generate"] = hf
@@ -160,10 +188,13 @@ def main() -> None:
     for name, r in results.items():
         print(f"{name:24s} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / base:8.2f}x "
               f"{r['mean_accepted_length']:13.2f} {r['target_forwards_per_token']:10.3f}")
+    print("one target forward, batch 1, 150 cached tokens: "
+          + ", ".join(f"{n} rows {ms:.2f} ms ({ms / cost[1]:.2f}x)" for n, ms in cost.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bundle": args.bundle, "device": str(device),
-                               "threads": torch.get_num_threads(), "results": results}, indent=2))
+                               "threads": torch.get_num_threads(), "results": results,
+                               "forward_ms_by_rows": cost}, indent=2))
 
 
 if __name__ == "__main__":

@@ -163,11 +163,13 @@ class Resynthesizer:
         return out[0].float().cpu().numpy().clip(-1, 1)
 
 
-def mode_config(mode: str):
-    """The GenerationConfig of a TTS mode (greedy, seed 0; the TTS caps max_new_tokens per sentence)."""
+def mode_config(mode: str, overrides: dict | None = None):
+    """The GenerationConfig of a TTS mode (greedy, seed 0; the TTS caps max_new_tokens per sentence).
+    `overrides` (e.g. {"tau": 2}) apply to the speculative modes whose rule uses them."""
     from engine.types import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=10**6, seed=0, **MODES[mode])
+    fields = {**MODES[mode], **{k: v for k, v in (overrides or {}).items() if k in MODES[mode]}}
+    return GenerationConfig(max_new_tokens=10**6, seed=0, **fields)
 
 
 def unsupported_modes(tts, modes: Sequence[str]) -> dict[str, str]:
@@ -204,7 +206,7 @@ def parse_systems(systems: str | None, modes: str | None) -> list[str]:
 def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcriber,
              bundle: Path | None = None, device: str = "cpu", save_wavs: Path | None = None,
              progress: bool = True, log: Callable[[str], None] = print,
-             phoneme_coverage: float | None = None) -> dict:
+             phoneme_coverage: float | None = None, overrides: dict | None = None) -> dict:
     """Speak, transcribe and score; returns the report (see `main` for its JSON form)."""
     from tqdm import tqdm
 
@@ -245,7 +247,7 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
             if mode in skipped:
                 log(f"skipping {mode}: {skipped[mode]}")
                 continue
-            cfg = mode_config(mode)
+            cfg = mode_config(mode, overrides)
             tts.synthesize("Hello there.", cfg)  # warm-up, untimed
 
             def make_tts(i: int, text: str, cfg=cfg) -> Spoken:
@@ -313,6 +315,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--beam-size", type=int, default=5, help="Whisper beam size")
     ap.add_argument("--phoneme-coverage", type=float, default=None,
                     help="TTS: per-phoneme speech-token constraint (default: the bundle's; 1: off)")
+    ap.add_argument("--tau", type=int, default=None, help="heads-tolerance: top-τ (default 3)")
+    ap.add_argument("--beta", type=float, default=None, help="draft: SSD's β (default 0.4)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -344,7 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.perf_counter()
     report = evaluate(sentences, systems, judge, bundle=args.bundle, device=args.device,
                       save_wavs=args.save_wavs, progress=not args.no_progress,
-                      phoneme_coverage=args.phoneme_coverage)
+                      phoneme_coverage=args.phoneme_coverage,
+                      overrides={k: v for k, v in (("tau", args.tau), ("beta", args.beta))
+                                 if v is not None})
     report["phoneme_coverage"] = args.phoneme_coverage
     report["judge"] = {"model": "whisper-base (CTranslate2, int8, CPU)", "model_dir": str(judge.model_dir),
                        "beam_size": args.beam_size, "language": "en", "vad_filter": False}

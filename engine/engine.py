@@ -203,6 +203,9 @@ class Engine:
                 chunked: list[bool]) -> None:
         """One target forward over each sequence's block (pending tokens) + candidates, then accept
         and commit. A chunked block is a slice of a prompt: it is only written to the cache."""
+        # in slot order: consecutive slots are read as a view of the cache instead of a gathered copy
+        order = sorted(range(len(seqs)), key=lambda b: seqs[b].slot)
+        seqs, blocks, cands, chunked = ([xs[b] for b in order] for xs in (seqs, blocks, cands, chunked))
         parents = [chain(len(p)) + [q + len(p) if q >= 0 else len(p) - 1 for q in c.parents]
                    for p, c in zip(blocks, cands)]
         layout = self.cache.layout([s.slot for s in seqs], parents)

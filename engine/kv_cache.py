@@ -68,7 +68,8 @@ class KVCache:
     def allocate(self) -> int:
         if not self._free:
             raise RuntimeError("no free KV cache slot")
-        slot = self._free.pop()
+        slot = min(self._free)  # the lowest free slot: active slots stay packed, so a batch's
+        self._free.remove(slot)  # slots are often one range that attention reads as a view
         self.lengths[slot] = 0
         return slot
 

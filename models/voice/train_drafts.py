@@ -114,6 +114,10 @@ def main() -> None:
     ap.add_argument("--total-steps", type=int, default=4000)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--export", type=Path, default=None, help="write the trained part here and exit")
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="without a checkpoint, start from this bundle's heads / draft model (e.g. "
+                         "the shipped voice, to follow a fine-tuned LM)")
+    ap.add_argument("--save-every-minutes", type=float, default=3.0)
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", default=None,
                     help="train in float32 (default: bfloat16 autocast where it is fast)")
     args = ap.parse_args()
@@ -130,6 +134,15 @@ def main() -> None:
                 head.out.weight.copy_(lm.lm_head.weight)
     else:
         model = draft_from_target(lm, args.draft_layers)
+    if args.init_from and not (args.ckpt / f"{args.what}.pt").exists():
+        from safetensors.torch import load_file
+
+        if args.what == "heads":
+            model.load_state_dict({k: v.float() for k, v in
+                                   load_file(str(args.init_from / "heads.safetensors")).items()})
+        else:
+            model = LlamaForCausalLM.from_pretrained(args.init_from / "draft")
+        print(f"initialised {args.what} from {args.init_from}")
     model.to(device).train()
     model.requires_grad_(True)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -146,8 +159,13 @@ def main() -> None:
         export(model, args.what, state, args.export)
         return
 
+    def save() -> None:
+        tmp = last.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
+        tmp.rename(last)
+
     train, valid = load_split(args.data, "train"), load_split(args.data, "valid")
-    start = time.time()
+    start = saved_at = time.time()
     bar = tqdm(total=args.total_steps, initial=state["step"], desc=args.what)
     while state["step"] < args.total_steps and time.time() - start < args.minutes * 60:
         order = batches(train, args.batch_tokens, np.random.default_rng(100 + state["epoch"]))
@@ -172,6 +190,9 @@ def main() -> None:
             if state["step"] % args.eval_every == 0:
                 state["metrics"] = evaluate(lm, model, args.what, valid, device)
                 tqdm.write(f"step {state['step']}: {json.dumps(state['metrics'])}")
+            if time.time() - saved_at > args.save_every_minutes * 60:
+                save()
+                saved_at = time.time()
             if state["step"] >= args.total_steps or time.time() - start > args.minutes * 60:
                 break
         else:
@@ -179,7 +200,7 @@ def main() -> None:
             state["batch_in_epoch"] = 0
     state["metrics"] = evaluate(lm, model, args.what, valid, device)
     print(json.dumps(state["metrics"]))
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, last)
+    save()
 
 
 def export(model, what: str, state: dict, out: Path) -> None:
