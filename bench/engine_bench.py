@@ -135,7 +135,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=300)
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=30)
-    ap.add_argument("--tau", type=int, default=3)
+    ap.add_argument("--tau", type=int, default=2)
     ap.add_argument("--beta", type=float, default=0.4)
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--tree-nodes", default="", help="also sweep heads trees of these sizes, e.g. 4,8,16,32")

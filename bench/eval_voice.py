@@ -12,7 +12,7 @@ transcribes the audio, and the transcripts are scored against the text (corpus W
 * ``resynth`` -- that audio turned into speech tokens by the bundle's codebook and decoded by the
   bundle's vocoder (the ceiling that tokens + vocoder allow);
 * the TTS modes -- the whole voice (`engine.tts.TextToSpeech`): ``plain`` (plain decoding),
-  ``heads-exact``, ``heads-tolerance`` (tau 3), ``draft`` (draft model, tolerance beta 0.4).
+  ``heads-exact``, ``heads-tolerance`` (tau 2), ``draft`` (draft model, tolerance beta 0.4, top-2 support).
   Modes the bundle has no parts for are skipped and listed as such.
 
 For the TTS modes it also reports the real-time factor (generation wall seconds, frontend and vocoder
@@ -46,8 +46,8 @@ REFERENCE_SYSTEMS = ("espeak", "resynth")
 MODES: dict[str, dict] = {
     "plain": {"decoding": "plain", "accept": "exact"},
     "heads-exact": {"decoding": "heads", "accept": "exact"},
-    "heads-tolerance": {"decoding": "heads", "accept": "tolerance", "tau": 3},
-    "draft": {"decoding": "draft", "accept": "tolerance", "beta": 0.4},
+    "heads-tolerance": {"decoding": "heads", "accept": "tolerance", "tau": 2},
+    "draft": {"decoding": "draft", "accept": "tolerance", "beta": 0.4, "tau": 2},
 }
 ALL_SYSTEMS = (*REFERENCE_SYSTEMS, *MODES)
 MAX_DURATION_RATIO = 2.0  # the target: no sentence longer than twice espeak-ng's
@@ -315,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--beam-size", type=int, default=5, help="Whisper beam size")
     ap.add_argument("--phoneme-coverage", type=float, default=None,
                     help="TTS: per-phoneme speech-token constraint (default: the bundle's; 1: off)")
-    ap.add_argument("--tau", type=int, default=None, help="heads-tolerance: top-τ (default 3)")
+    ap.add_argument("--tau", type=int, default=None, help="tolerance: top-τ (default 2)")
     ap.add_argument("--beta", type=float, default=None, help="draft: SSD's β (default 0.4)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

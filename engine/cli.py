@@ -27,7 +27,8 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--decoding", default="plain", help="|".join(DECODINGS))
     p.add_argument("--accept", default="exact", help="|".join(ACCEPTS))
-    p.add_argument("--tau", type=int, default=3, help="heads + tolerance: top-τ / τ samples")
+    p.add_argument("--tau", type=int, default=2,
+                   help="tolerance: top-τ / τ samples (heads), the support of greedy draft")
     p.add_argument("--beta", type=float, default=0.4, help="draft + tolerance: SSD's β")
     p.add_argument("--gamma", type=int, default=4, help="draft: tokens drafted per round")
     p.add_argument("--temperature", type=float, default=0.0)

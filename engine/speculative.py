@@ -124,10 +124,16 @@ def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: Sampl
             return kid, -1, False
         return None, draw(residual(q, p), gen), True
     # tolerance β (SSD): r < min(1, q/p) + β, never outside the target's filtered support.
-    # Greedy decoding judges with the target's temperature-1 distribution.
+    # Greedy decoding judges with the target's temperature-1 distribution, and its support is the
+    # target's top-τ (unfiltered, β alone would let any allowed token through 40% of the time).
     q = distribution(proc, params, temperature=params.temperature or 1.0)
+    if params.greedy:
+        top = torch.topk(proc, min(cfg.tau, proc.shape[-1]))
+        supported = token in top.indices[torch.isfinite(top.values)].tolist()
+    else:
+        supported = bool(q[token] > 0)
     r = float(torch.rand(1, generator=gen))
-    if q[token] > 0 and r < min(1.0, float(q[token] / p[token])) + cfg.beta:
+    if supported and r < min(1.0, float(q[token] / p[token])) + cfg.beta:
         return kid, -1, False
     if params.greedy:
         return None, int(proc.argmax()), False

@@ -23,7 +23,7 @@ class GenerationConfig:
     max_new_tokens: int = 256
     decoding: str = "plain"  # plain | heads | draft
     accept: str = "exact"  # exact | tolerance | lossless
-    tau: int = 3  # heads + tolerance: accept a candidate among the target's top-τ (or τ samples)
+    tau: int = 2  # tolerance: a candidate among the target's top-τ (or τ samples); greedy draft's support
     beta: float = 0.4  # draft + tolerance: accept if r < min(1, q/p) + β (SSD)
     gamma: int = 4  # draft: tokens drafted per round
     tree: tuple[tuple[int, ...], ...] | None = None  # heads: tree shape; None = the bundle's default

@@ -39,7 +39,8 @@ class Settings(BaseSettings):
     decoding: Decoding = Field("auto", description="auto: heads if the bundle has them, else draft, "
                                                    "else plain")
     accept: Accept = "exact"
-    tau: int = Field(3, ge=1, description="heads + tolerance: top-tau / tau samples")
+    tau: int = Field(2, ge=1, description="tolerance: top-tau / tau samples (heads), "
+                                          "the support of greedy draft")
     beta: float = Field(0.4, ge=0, description="draft + tolerance: SSD's beta")
     gamma: int = Field(4, ge=1, le=16, description="draft: tokens drafted per round")
     temperature: float = Field(0.0, ge=0)

@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -114,12 +115,15 @@ def test_rule_is_honoured_by_every_mode():
             assert frames <= 4
 
 
-def test_tau_one_greedy_tolerance_equals_plain():
+@pytest.mark.parametrize("decoding", ["heads", "draft"])
+def test_tau_one_greedy_tolerance_equals_plain(decoding):
+    """Greedy tolerance never leaves the target's top-τ: with τ = 1 it is plain greedy, even with
+    SSD's β (which only raises the acceptance of supported tokens)."""
     engine = ENGINES[False]
     prompt = [3, 14, 15, 9, 2, 6]
     plain = engine.generate(prompt, GenerationConfig(max_new_tokens=40))
-    tol = engine.generate(prompt, GenerationConfig(max_new_tokens=40, decoding="heads",
-                                                   accept="tolerance", tau=1))
+    tol = engine.generate(prompt, GenerationConfig(max_new_tokens=40, decoding=decoding,
+                                                   accept="tolerance", tau=1, beta=0.9, seed=1))
     assert tol.tokens == plain.tokens
 
 
