@@ -27,7 +27,7 @@ from models.llama import LlamaForCausalLM
 from models.voice.train_lm import batches, bf16_is_fast, collate, load_split, lr_at
 
 TOP_RANKS = 10
-TAU = 3  # tolerance accuracy: is the head's token among the LM's own top-τ at that position?
+TAU = 2  # tolerance accuracy (the default τ): is the head's token among the LM's own top-τ there?
 
 
 def heads_loss(lm: LlamaForCausalLM, heads: DraftHeads, ids: torch.Tensor, mask: torch.Tensor,
