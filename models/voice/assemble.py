@@ -59,7 +59,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=Path("data/voice"))
     ap.add_argument("--out", type=Path, default=Path("models/default_voice"))
     ap.add_argument("--tree-nodes", type=int, default=16)
-    ap.add_argument("--phoneme-coverage", type=float, default=0.95,
+    ap.add_argument("--phoneme-coverage", type=float, default=0.99,
                     help="each phoneme may only use the speech tokens covering this share of its "
                          "training frames (1: no restriction)")
     args = ap.parse_args()
