@@ -37,7 +37,8 @@ def load_service(settings: Settings) -> TTSService:
     if threads:
         torch.set_num_threads(threads)
     tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
-                       max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks)
+                       max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks,
+                       phoneme_coverage=settings.phoneme_coverage)
     service = TTSService(tts, queue_size=settings.queue_size,
                          policy=Policy(max_queue_wait_s=settings.max_queue_wait_s,
                                        adaptive=settings.admission_control),

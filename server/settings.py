@@ -62,6 +62,9 @@ class Settings(BaseSettings):
                                                   "the batch (trees shrink under load); 0: no cap")
     prefix_cache_blocks: int = Field(256, ge=0, description="16-token prompt blocks kept for "
                                      "reuse by later requests with the same prefix; 0: off")
+    phoneme_coverage: float | None = Field(None, gt=0, description="speech tokens allowed after "
+                                           "each phoneme: those covering this share of its training "
+                                           "frames (unset: the bundle's; 1: no constraint)")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still generating after "
                                                               "this long is cancelled")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 (at capacity)")
