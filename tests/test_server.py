@@ -91,7 +91,7 @@ def client(live):
 @pytest.fixture(scope="module")
 def reference(tiny_voice, settings):
     """Offline synthesis with the server's default decoding, as PCM16 samples."""
-    tts = TextToSpeech(tiny_voice, max_batch=3)
+    tts = TextToSpeech(tiny_voice, max_batch=3, phoneme_coverage=settings.phoneme_coverage)
     cfg = default_config(settings, tts)
     cache: dict[str, np.ndarray] = {}
 
