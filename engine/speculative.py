@@ -87,6 +87,12 @@ def verify(cands: Candidates, logits: torch.Tensor, context: list[int], root_sta
         node, state = nxt, cands.states[nxt]
 
 
+def top_tau(proc: torch.Tensor, tau: int) -> list[int]:
+    """The target's τ best tokens among the allowed ones, from processed logits (V,)."""
+    top = torch.topk(proc, min(tau, proc.shape[-1]))
+    return top.indices[torch.isfinite(top.values)].tolist()
+
+
 def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: SamplingParams,
            cfg: GenerationConfig, decoding: str, gen: torch.Generator
            ) -> tuple[int | None, int, bool]:
@@ -102,8 +108,7 @@ def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: Sampl
         return token_of.get(own), own, False
     if decoding == "heads":  # tolerance τ (VADUSA)
         if params.greedy:
-            top = torch.topk(proc, min(cfg.tau, proc.shape[-1]))
-            allowed = top.indices[torch.isfinite(top.values)].tolist()
+            allowed = top_tau(proc, cfg.tau)
         else:
             allowed = torch.multinomial(distribution(proc, params), cfg.tau, replacement=True,
                                         generator=gen).tolist()
@@ -127,11 +132,7 @@ def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: Sampl
     # Greedy decoding judges with the target's temperature-1 distribution, and its support is the
     # target's top-τ (unfiltered, β alone would let any allowed token through 40% of the time).
     q = distribution(proc, params, temperature=params.temperature or 1.0)
-    if params.greedy:
-        top = torch.topk(proc, min(cfg.tau, proc.shape[-1]))
-        supported = token in top.indices[torch.isfinite(top.values)].tolist()
-    else:
-        supported = bool(q[token] > 0)
+    supported = token in top_tau(proc, cfg.tau) if params.greedy else bool(q[token] > 0)
     r = float(torch.rand(1, generator=gen))
     if supported and r < min(1.0, float(q[token] / p[token])) + cfg.beta:
         return kid, -1, False

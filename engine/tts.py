@@ -88,17 +88,14 @@ class TextToSpeech:
         self.sample_rate = self.vocoder.cfg.sample_rate
         self.max_frames = int(bundle.raw.get("max_frames_per_phoneme", 0))
         self.name = bundle.raw.get("name", Path(bundle_path).name)
-        self.phoneme_masks = None
-        spec = bundle.raw.get("phoneme_tokens")
-        if spec:
-            from safetensors.numpy import load_file
-
-            counts = load_file(str(Path(bundle_path) / spec["file"]))["counts"]
-            self.coverage = float(spec.get("coverage", 1.0) if phoneme_coverage is None
-                                  else phoneme_coverage)
-            if self.coverage < 1.0:
-                self.phoneme_masks = interleaved.phoneme_allowed_masks(
-                    self.layout, counts, self.coverage, self.engine.vocab_size)
+        self.phoneme_masks = None  # per phoneme id, its allowed (V,) mask; None: unconstrained
+        entry = bundle.raw.get("phoneme_tokens")
+        coverage = float(phoneme_coverage if phoneme_coverage is not None
+                         else (entry or {}).get("coverage", 1.0))
+        if entry and coverage < 1.0:
+            self.phoneme_masks = interleaved.phoneme_allowed_masks(
+                self.layout, interleaved.load_phoneme_counts(Path(bundle_path), entry), coverage,
+                self.engine.vocab_size)
 
     # --- text -> prompts -----------------------------------------------------------------------
     def plan(self, text: str, max_chars: int = 300) -> list[SentencePlan]:

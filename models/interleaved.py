@@ -12,8 +12,12 @@ append-only, without moving the speech ids), then the speech tokens.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.numpy import load_file
+from safetensors.torch import save_file
 
 from engine.rules import InterleavedRule
 from models.bundle import TokenLayout
@@ -22,6 +26,7 @@ PAD, BOS, SEP, EOP, EOS = 0, 1, 2, 3, 4
 PHONEME_BASE = 5
 PHONEME_SLOTS = 128
 SPEECH_BASE = PHONEME_BASE + PHONEME_SLOTS
+PHONEME_TOKENS_FILE = "phoneme_tokens.safetensors"  # per phoneme, how often each speech token was spoken
 
 
 def token_layout(num_speech: int) -> TokenLayout:
@@ -64,6 +69,18 @@ def phoneme_token_counts(phonemes: np.ndarray, durations: np.ndarray, tokens: np
     counts = np.zeros((PHONEME_SLOTS, num_speech), dtype=np.int64)
     np.add.at(counts, (np.repeat(phonemes, durations), tokens), 1)
     return counts
+
+
+def save_phoneme_counts(directory: Path, counts: np.ndarray, coverage: float) -> dict:
+    """Write DIRECTORY/phoneme_tokens.safetensors; returns the bundle's `phoneme_tokens` entry."""
+    save_file({"counts": torch.from_numpy(counts.astype(np.int32))},
+              str(directory / PHONEME_TOKENS_FILE))
+    return {"file": PHONEME_TOKENS_FILE, "coverage": coverage}
+
+
+def load_phoneme_counts(directory: Path, entry: dict) -> np.ndarray:
+    """The counts a bundle's `phoneme_tokens` entry points at, (PHONEME_SLOTS, num_speech)."""
+    return load_file(str(directory / entry["file"]))["counts"]
 
 
 def phoneme_allowed_masks(layout: TokenLayout, counts: np.ndarray, coverage: float, vocab: int

@@ -41,9 +41,7 @@ def write_phoneme_tokens(data: Path, out: Path, coverage: float) -> dict:
         z = np.load(shard)
         counts += interleaved.phoneme_token_counts(z["phonemes"], z["durations"], z["tokens"],
                                                    num_speech)
-    save_file({"counts": torch.from_numpy(counts.astype(np.int32))},
-              str(out / "phoneme_tokens.safetensors"))
-    return {"file": "phoneme_tokens.safetensors", "coverage": coverage}
+    return interleaved.save_phoneme_counts(out, counts, coverage)
 
 
 def half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from safetensors.torch import save_file
 
 from models import interleaved
 from models.bundle import random_bundle, save_bundle
@@ -24,16 +22,15 @@ def build_random_voice(path: str | Path, num_speech: int = 16, seed: int = 5,
                            num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=64,
                            std=0.3, seed=seed)
     bundle.tokens = interleaved.token_layout(num_speech)
-    save_bundle(bundle, path, extra={"name": "tiny", "max_frames_per_phoneme": 4,
-                                     "frontend": {"voice": "en-us", "phonemes": "phonemes.json"},
-                                     "vocoder": "vocoder",
-                                     "phoneme_tokens": {"file": "phoneme_tokens.safetensors",
-                                                        "coverage": phoneme_coverage}})
     rng = np.random.default_rng(seed)
     shape = (interleaved.PHONEME_SLOTS, num_speech)
     counts = rng.integers(1, 100, shape) * (rng.random(shape) < 0.5)
-    save_file({"counts": torch.from_numpy(counts.astype(np.int32))},
-              str(path / "phoneme_tokens.safetensors"))
+    path.mkdir(parents=True, exist_ok=True)
+    save_bundle(bundle, path, extra={"name": "tiny", "max_frames_per_phoneme": 4,
+                                     "frontend": {"voice": "en-us", "phonemes": "phonemes.json"},
+                                     "vocoder": "vocoder",
+                                     "phoneme_tokens": interleaved.save_phoneme_counts(
+                                         path, counts, phoneme_coverage)})
     PhonemeVocab().save(path / "phonemes.json")
     CausalVocos(VocoderConfig(num_tokens=num_speech, dim=32, intermediate=64,
                               num_blocks=2)).save(path / "vocoder")

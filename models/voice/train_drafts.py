@@ -24,7 +24,8 @@ from tqdm import tqdm
 from models.bundle import draft_from_target
 from models.heads import DraftHeads
 from models.llama import LlamaForCausalLM
-from models.voice.train_lm import batches, bf16_is_fast, collate, load_split, lr_at
+from models.voice.train_lm import (batches, bf16_is_fast, collate, load_split, lr_at,
+                                   save_checkpoint)
 
 TOP_RANKS = 10
 TAU = 2  # tolerance accuracy (the default τ): is the head's token among the LM's own top-τ there?
@@ -159,11 +160,6 @@ def main() -> None:
         export(model, args.what, state, args.export)
         return
 
-    def save() -> None:
-        tmp = last.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
-        tmp.rename(last)
-
     train, valid = load_split(args.data, "train"), load_split(args.data, "valid")
     start = saved_at = time.time()
     bar = tqdm(total=args.total_steps, initial=state["step"], desc=args.what)
@@ -191,7 +187,7 @@ def main() -> None:
                 state["metrics"] = evaluate(lm, model, args.what, valid, device)
                 tqdm.write(f"step {state['step']}: {json.dumps(state['metrics'])}")
             if time.time() - saved_at > args.save_every_minutes * 60:
-                save()
+                save_checkpoint(last, model, opt, state)
                 saved_at = time.time()
             if state["step"] >= args.total_steps or time.time() - start > args.minutes * 60:
                 break
@@ -200,7 +196,7 @@ def main() -> None:
             state["batch_in_epoch"] = 0
     state["metrics"] = evaluate(lm, model, args.what, valid, device)
     print(json.dumps(state["metrics"]))
-    save()
+    save_checkpoint(last, model, opt, state)
 
 
 def export(model, what: str, state: dict, out: Path) -> None:

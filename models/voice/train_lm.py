@@ -70,6 +70,14 @@ def collate(seqs, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), mask.to(device)
 
 
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict
+                    ) -> None:
+    """Model, optimiser and progress to `path`, atomically (a killed run leaves the previous one)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
+    tmp.rename(path)
+
+
 def bf16_is_fast(device: torch.device) -> bool:
     """bfloat16 autocast pays off on CUDA and on CPUs with AVX-512 or AMX; on an AVX2-only CPU it is
     emulated and one step took 30x longer than float32 here."""
@@ -169,11 +177,6 @@ def main() -> None:
         print(f"exported step {state['step']} to {args.export}")
         return
 
-    def save() -> None:
-        tmp = last.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
-        tmp.rename(last)
-
     train, valid = load_split(args.data, "train"), load_split(args.data, "valid")
     n_tokens = sum(len(s[0]) for s in train)
     print(f"{len(train)} train / {len(valid)} valid utterances, {n_tokens / 1e6:.1f}M train tokens, "
@@ -209,7 +212,7 @@ def main() -> None:
                 tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             now = time.time()
             if now - saved_at > args.save_every_minutes * 60:
-                save()
+                save_checkpoint(last, model, opt, state)
                 saved_at = now
             if now - start > args.minutes * 60 or state["step"] >= args.total_steps:
                 done = True
@@ -217,7 +220,7 @@ def main() -> None:
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-    save()
+    save_checkpoint(last, model, opt, state)
     print(f"stopped at step {state['step']}, epoch {state['epoch']}: {evaluate(model, valid, device)}")
 
 
