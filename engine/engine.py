@@ -118,6 +118,9 @@ class Engine:
             active = list(seqs)
             while active:
                 self.step(active, prefill_chunk, row_budget)
+                for s in active:
+                    if s.finished:  # its slots go back now: the others move down into them
+                        self.release(s)
                 active = [s for s in active if not s.finished]
         finally:
             for s in seqs:
@@ -177,6 +180,7 @@ class Engine:
         speculating sequence at most (budget - pending) / speculators candidates: under load, small
         trees keep a batched forward cheap; alone, a sequence gets its whole tree.
         """
+        self._pack(seqs)
         pending = [s.tokens[self.cache.lengths[s.slot]:] for s in seqs]
         room = [self.max_len - self.cache.lengths[s.slot] - len(p) for s, p in zip(seqs, pending)]
         for s, r in zip(seqs, room):
@@ -198,6 +202,20 @@ class Engine:
         for group in plan_forwards([len(p) + len(c) for p, c in zip(blocks, cands)]):
             self._verify([seqs[b] for b in group], [blocks[b] for b in group],
                          [cands[b] for b in group], [chunked[b] for b in group])
+
+    def _pack(self, seqs: list[Sequence]) -> None:
+        """Move sequences down into lower free cache slots (a released sequence leaves a gap), so
+        that a step's slots form one range more often and attention reads a view of the cache, not
+        a gathered copy of every sequence's keys and values. Moving copies one sequence's entries once."""
+        for s in sorted(seqs, key=lambda s: s.slot):
+            free = self.cache.lowest_free()
+            if free is not None and free < s.slot:
+                s.slot = self.cache.move(s.slot, free)
+        drafting = [s for s in seqs if s.draft_slot is not None]
+        for s in sorted(drafting, key=lambda s: s.draft_slot):
+            free = self.draft_cache.lowest_free()
+            if free is not None and free < s.draft_slot:
+                s.draft_slot = self.draft_cache.move(s.draft_slot, free)
 
     def _verify(self, seqs: list[Sequence], blocks: list[list[int]], cands: list[Candidates],
                 chunked: list[bool]) -> None:
@@ -252,8 +270,8 @@ class Engine:
                 s = seqs[b]
                 shape = (list(s.cfg.tree) if s.cfg.tree is not None
                          else self.default_trees[s.cfg.accept])
-                tree = build_tree(head_logits[i], shape, s.rule, s.end_state, len(pending[b]) - 1)
-                cands[b] = tree.truncated(room[b])
+                cands[b] = build_tree(head_logits[i], shape, s.rule, s.end_state,
+                                      len(pending[b]) - 1, max_nodes=room[b])
         by_draft = [b for b, s in enumerate(seqs) if s.cfg.decoding == "draft"]
         if by_draft:
             drafts = propose_drafts(self.draft, self.draft_cache, [seqs[b] for b in by_draft],

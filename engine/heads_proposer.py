@@ -24,13 +24,14 @@ def max_ranks(shape: tuple[Path, ...]) -> list[int]:
 
 
 def build_tree(head_logits: torch.Tensor, shape: list[Path], rule: TokenRule,
-               root_state: Hashable, offset: int) -> Candidates:
+               root_state: Hashable, offset: int, max_nodes: int | None = None) -> Candidates:
     """head_logits (K, V) float32 CPU, from the hidden state that chose the first pending token;
     head k (1-based) proposes the token k places after it. The root is the last pending token, `offset`
     places after the first, so a candidate at tree depth d comes from head offset + d.
 
     Paths through a forced position collapse onto the forced token; ranks are taken among the tokens
-    the rule allows at that node; a path deeper than the heads reach is dropped."""
+    the rule allows at that node; a path deeper than the heads reach is dropped. `max_nodes`: stop
+    after that many candidates (the same first nodes as the whole tree's)."""
     num_heads = head_logits.shape[0]
     need = max_ranks(tuple(shape))  # once per tree shape, not per step
     ranked: dict[tuple[int, int], list[int]] = {}  # (head, id of allowed mask) -> tokens by rank
@@ -38,6 +39,8 @@ def build_tree(head_logits: torch.Tensor, shape: list[Path], rule: TokenRule,
     node_of: dict[Path, int] = {(): -1}
     child_of: dict[tuple[int, int], int] = {}  # (parent, token) -> node
     for path in shape:
+        if max_nodes is not None and len(cands) >= max_nodes:
+            break
         parent = node_of.get(path[:-1])
         if parent is None:
             continue

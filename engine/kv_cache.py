@@ -24,7 +24,7 @@ class BlockLayout:
     slot_range: tuple[int, int] | None  # (first, last+1) when slots are consecutive: read by slicing
     positions: torch.Tensor  # (B, T) rotary position of each new token
     writes: list[tuple[int, int, int]]  # per sequence: (slot, first cache index, block length)
-    rows: tuple[torch.Tensor, ...] | None  # B > 1: (b, t, slot, cache index) of every real row
+    rows: tuple[torch.Tensor, torch.Tensor] | None  # B > 1: see `KVCache.layout`
     attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None: attend to all
     span: int  # S
 
@@ -70,6 +70,7 @@ class KVCache:
             raise RuntimeError("no free KV cache slot")
         slot = min(self._free)  # the lowest free slot: active slots stay packed, so a batch's
         self._free.remove(slot)  # slots are often one range that attention reads as a view
+        # (see also `move`)
         self.lengths[slot] = 0
         return slot
 
@@ -78,6 +79,22 @@ class KVCache:
             raise RuntimeError(f"slot {slot} released twice")
         self.lengths[slot] = 0
         self._free.append(slot)
+
+    def move(self, slot: int, to: int) -> int:
+        """Move a slot's committed entries into the free slot `to` (lower slots keep a batch's
+        slots in one range, read as a view); the old slot is freed. Returns `to`."""
+        if to not in self._free or slot in self._free:
+            raise RuntimeError(f"cannot move slot {slot} to slot {to}")
+        n = self.lengths[slot]
+        self.k[:, to, :, :n] = self.k[:, slot, :, :n]
+        self.v[:, to, :, :n] = self.v[:, slot, :, :n]
+        self._free.remove(to)
+        self.lengths[to] = n
+        self.release(slot)
+        return to
+
+    def lowest_free(self) -> int | None:
+        return min(self._free) if self._free else None
 
     # --- forward ------------------------------------------------------------------------------
     def layout(self, slots: list[int], parents: list[list[int]]) -> BlockLayout:
@@ -101,10 +118,15 @@ class KVCache:
         consecutive = slots == list(range(slots[0], slots[0] + B))
         dev = self.device
         rows = None  # one sequence writes a slice (`writes`)
-        if B > 1:
-            rows = tuple(torch.tensor(x, dtype=torch.long, device=dev) for x in zip(*(
-                (b, t, s, start + t) for b, (s, start, par) in enumerate(zip(slots, starts, parents))
-                for t in range(len(par)))))
+        if B > 1:  # every real row in one indexed copy: its row in the (B T) block, and for each
+            # kv head its row in a layer's cache seen as (max_batch Hkv max_len, hd)
+            heads = self.k.shape[2]
+            src = [b * T + t for b, par in enumerate(parents) for t in range(len(par))]
+            dest = [(s * heads + h) * self.max_len + start + t
+                    for s, start, par in zip(slots, starts, parents)
+                    for t in range(len(par)) for h in range(heads)]
+            rows = (torch.tensor(src, dtype=torch.long, device=dev),
+                    torch.tensor(dest, dtype=torch.long, device=dev))
         return BlockLayout(slots=torch.tensor(slots, dtype=torch.long, device=dev),
                            slot_range=(slots[0], slots[0] + B) if consecutive else None,
                            positions=positions.to(dev),
@@ -115,17 +137,19 @@ class KVCache:
 
     def update(self, layer: int, layout: BlockLayout, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the block's k, v (B, Hkv, T, hd) into the cache; return the keys and values that
+        """Write the block's k, v (B, T, Hkv, hd) into the cache; return the keys and values that
         the block attends to, (B, Hkv, S, hd) each."""
         kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
         if layout.rows is None:  # one sequence: a slice (no index tensors to build or read)
             slot, start, n = layout.writes[0]
-            kc[slot, :, start:start + n] = k[0, :, :n]
-            vc[slot, :, start:start + n] = v[0, :, :n]
-        else:  # every real row of every sequence in one indexed write; padding rows are skipped
-            b, t, slot, index = layout.rows
-            kc[slot, :, index] = k[b, :, t]  # (R, Hkv, hd) each side
-            vc[slot, :, index] = v[b, :, t]
+            kc[slot, :, start:start + n] = k[0, :n].transpose(0, 1)
+            vc[slot, :, start:start + n] = v[0, :n].transpose(0, 1)
+        else:  # every real row of every sequence in one indexed copy; padding rows are skipped
+            src, dest = layout.rows
+            B, T, Hkv, hd = k.shape
+            for cache, new in ((kc, k), (vc, v)):
+                rows = new.reshape(B * T, Hkv, hd).index_select(0, src)  # (R, Hkv, hd)
+                cache.view(-1, hd).index_copy_(0, dest, rows.view(-1, hd))
         if layout.slot_range is not None:
             first, end = layout.slot_range
             return kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]

@@ -46,11 +46,6 @@ class Candidates:
             i, d = self.parents[i], d + 1
         return d
 
-    def truncated(self, n: int) -> Candidates:
-        """The first n candidates (still a tree: parents come before children)."""
-        return Candidates(self.tokens[:n], self.parents[:n], self.states[:n], self.forced[:n],
-                          self.draft_probs[:n])
-
 
 @dataclass
 class Verdict:

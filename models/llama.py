@@ -91,7 +91,9 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """Rotary embedding, half-split layout as in transformers (`rotate_half`); cos/sin come from a
-    table that grows (by doubling) to the longest span seen, so a step only gathers rows."""
+    table that grows (by doubling) to the longest span seen, so a step only gathers rows. The table
+    keeps sin with the sign of `rotate_half` folded in (-sin on the first half), so applying it is a
+    roll, two products and a sum."""
 
     def __init__(self, head_dim: int, theta: float) -> None:
         super().__init__()
@@ -100,22 +102,38 @@ class Rotary(nn.Module):
         self.register_buffer("table", torch.zeros(0, 2, head_dim), persistent=False)
 
     def forward(self, positions: torch.Tensor, span: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # positions (B, T), all < span -> cos, sin (B, 1, T, head_dim)
+        # positions (B, T), all < span -> cos, signed sin (B, T, 1, head_dim)
         if self.table.shape[0] < span:
             n = max(span, 2 * self.table.shape[0], 256)
             pos = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
             freqs = pos[:, None] * self.inv_freq  # (n, head_dim/2)
             emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
-            self.table = torch.stack((emb.cos(), emb.sin()), dim=1)  # (n, 2, head_dim)
+            sign = torch.ones_like(emb)
+            sign[:, :emb.shape[-1] // 2] = -1.0
+            self.table = torch.stack((emb.cos(), emb.sin() * sign), dim=1)  # (n, 2, head_dim)
         rows = self.table[positions]  # (B, T, 2, head_dim)
-        return rows[:, None, :, 0], rows[:, None, :, 1]
+        return rows[:, :, None, 0], rows[:, :, None, 1]
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x (B, H, T, hd)
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return (x * cos + rotated * sin).to(x.dtype)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, hd); cos, signed_sin (B, T, 1, hd) from `Rotary`. Equals transformers'
+    x * cos + rotate_half(x) * sin: rotate_half(x) = (-x2, x1) = roll(x, hd/2) * (-1 | +1)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
+
+
+def project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., in) @ weight_t (in, out) [+ bias]: a linear layer with its weight stored transposed,
+    which this machine's BLAS multiplies about 20 % faster than F.linear's (out, in) at 1-33 rows."""
+    y = torch.matmul(x, weight_t)
+    return y if bias is None else y + bias
+
+
+def transposed(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The linears' weights side by side as one (in, sum of outs) matrix, and their biases."""
+    weight_t = torch.cat([m.weight.detach() for m in linears]).t().contiguous()
+    if linears[0].bias is None:
+        return weight_t, None
+    return weight_t, torch.cat([m.bias.detach() for m in linears])
 
 
 class Attention(nn.Module):
@@ -128,38 +146,40 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.hd, cfg.hidden_size, bias=bias)
-        # inference: q, k and v projections as one matrix (see `LlamaForCausalLM.fuse_projections`)
-        self.register_buffer("qkv_weight", None, persistent=False)
+        # inference: q, k and v as one transposed matrix, o transposed (`fuse_projections`)
+        self.register_buffer("qkv_t", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
+        self.register_buffer("o_t", None, persistent=False)
+        self.register_buffer("o_bias", None, persistent=False)
 
     def fuse(self) -> None:
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        self.qkv_weight = torch.cat([p.weight.detach() for p in projs])  # ((H + 2 Hkv) hd, D)
-        if self.q_proj.bias is not None:
-            self.qkv_bias = torch.cat([p.bias.detach() for p in projs])
+        self.qkv_t, self.qkv_bias = transposed(self.q_proj, self.k_proj, self.v_proj)
+        self.o_t, self.o_bias = transposed(self.o_proj)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: KVCache | None, layout: BlockLayout | None) -> torch.Tensor:
         B, T, _ = x.shape
-        H, Hkv = self.n_heads, self.n_kv
-        if self.qkv_weight is not None:  # one matmul, one rotary over q and k together
-            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(B, T, H + 2 * Hkv, self.hd)
-            qkv = qkv.transpose(1, 2)  # (B, H + 2 Hkv, T, hd)
-            q, k = apply_rotary(qkv[:, :H + Hkv], cos, sin).split([H, Hkv], dim=1)
-            v = qkv[:, H + Hkv:]  # (B, Hkv, T, hd)
+        H, Hkv, hd = self.n_heads, self.n_kv, self.hd
+        if self.qkv_t is not None:  # one matmul, one rotary over q and k together
+            qkv = project(x, self.qkv_t, self.qkv_bias).view(B, T, H + 2 * Hkv, hd)
+            qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)
+            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]  # (B, T, heads, hd) each
         else:
-            q = self.q_proj(x).view(B, T, H, self.hd).transpose(1, 2)  # (B, H, T, hd)
-            k = self.k_proj(x).view(B, T, Hkv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-            v = self.v_proj(x).view(B, T, Hkv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        gqa = self.n_heads != self.n_kv
+            q = apply_rotary(self.q_proj(x).view(B, T, H, hd), cos, sin)  # (B, T, H, hd)
+            k = apply_rotary(self.k_proj(x).view(B, T, Hkv, hd), cos, sin)  # (B, T, Hkv, hd)
+            v = self.v_proj(x).view(B, T, Hkv, hd)  # (B, T, Hkv, hd)
+        gqa = H != Hkv
         if cache is None:  # training: a causal pass over whole sequences (right padding only)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                 v.transpose(1, 2), is_causal=True, enable_gqa=gqa)
         else:
             keys, values = cache.update(self.layer_idx, layout, k, v)  # (B, Hkv, S, hd) each
-            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask,
-                                                 enable_gqa=gqa)  # (B, H, T, hd)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
+                                                 attn_mask=layout.attn_mask, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(B, T, H * hd)  # (B, H, T, hd) -> (B, T, H hd)
+        if self.o_t is not None:
+            return project(out, self.o_t, self.o_bias)
+        return self.o_proj(out)
 
 
 class MLP(nn.Module):
@@ -168,18 +188,20 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.register_buffer("gate_up_weight", None, persistent=False)  # inference: gate and up fused
+        # inference: gate and up as one transposed matrix, down transposed (`fuse_projections`)
+        self.register_buffer("gate_up_t", None, persistent=False)
         self.register_buffer("gate_up_bias", None, persistent=False)
+        self.register_buffer("down_t", None, persistent=False)
+        self.register_buffer("down_bias", None, persistent=False)
 
     def fuse(self) -> None:
-        self.gate_up_weight = torch.cat([self.gate_proj.weight.detach(), self.up_proj.weight.detach()])
-        if self.gate_proj.bias is not None:
-            self.gate_up_bias = torch.cat([self.gate_proj.bias.detach(), self.up_proj.bias.detach()])
+        self.gate_up_t, self.gate_up_bias = transposed(self.gate_proj, self.up_proj)
+        self.down_t, self.down_bias = transposed(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None:
-            gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+        if self.gate_up_t is not None:
+            gate, up = project(x, self.gate_up_t, self.gate_up_bias).chunk(2, dim=-1)
+            return project(F.silu(gate) * up, self.down_t, self.down_bias)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -215,6 +237,7 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("lm_head_t", None, persistent=False)  # inference (`fuse_projections`)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 layout: BlockLayout | None = None) -> torch.Tensor:
@@ -233,14 +256,18 @@ class LlamaForCausalLM(nn.Module):
 
     def fuse_projections(self) -> LlamaForCausalLM:
         """For inference: q/k/v and gate/up projections become one matmul each (fewer, larger
-        kernels; same numbers up to float rounding). Copies of the weights: call it after the
-        weights are final (loading, `.to`), never while training."""
+        kernels), and every projection keeps its weight transposed (`project`); same numbers up to
+        float rounding. Copies of the weights: call it after the weights are final (loading, `.to`),
+        never while training."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+        self.lm_head_t, _ = transposed(self.lm_head)
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_t is not None:
+            return project(hidden, self.lm_head_t, None).float()
         return self.lm_head(hidden).float()
 
     # --- Hugging Face directory layout -------------------------------------------------------

@@ -2,6 +2,7 @@
 
     python -m models.voice.train_vocoder --minutes 20 [--threads 2] [--data data/voice]
         [--ckpt checkpoints/vocoder] [--out checkpoints/vocoder/model] [--max-hours-audio 2.0]
+        [--init-from models/default_voice/vocoder]
 
 Batches are random 1-second crops aligned to frames: tokens[t0:t0 + 50] <-> audio[t0*441:(t0 + 50)*441].
 Loss = multi-resolution log-mel L1 + multi-resolution STFT loss (spectral convergence + log magnitude);
@@ -56,6 +57,7 @@ class TrainConfig:
     gan: bool = False  # hook for a discriminator later; not implemented
     seed: int = 0
     model: dict = field(default_factory=dict)  # VocoderConfig overrides (fresh runs only)
+    init_from: str = ""  # fresh runs: start from this exported vocoder dir (e.g. a bundle's)
 
 
 # ---------------------------------------------------------------- data
@@ -244,6 +246,9 @@ def train(cfg: TrainConfig) -> dict:
     if ckpt is not None:
         model = CausalVocos(VocoderConfig.from_dict(ckpt["model_config"]))
         model.load_state_dict(ckpt["model"])
+    elif cfg.init_from:  # fine-tune: its weights, a fresh optimiser and LR schedule
+        model = CausalVocos.load(cfg.init_from).float()
+        print(f"initialised from {cfg.init_from}")
     else:
         codebook = data / "codebook.npy"
         model = CausalVocos(VocoderConfig(**cfg.model),
@@ -321,6 +326,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save-every-minutes", type=float, default=d.save_every_minutes)
     ap.add_argument("--log-every", type=int, default=d.log_every)
     ap.add_argument("--model", type=json.loads, default={}, help='VocoderConfig overrides, e.g. \'{"dim": 256}\'')
+    ap.add_argument("--init-from", default=d.init_from,
+                    help="a fresh run starts from this exported vocoder (e.g. models/default_voice/vocoder)")
     ap.add_argument("--gan", action="store_true", help="adversarial training (not implemented yet)")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})
