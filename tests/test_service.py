@@ -128,7 +128,7 @@ def test_many_streams_with_random_cancels_leak_nothing(tts):
     """A small soak: more streams than slots, mixed decodings, a third cancelled at random times;
     every stream ends, the uncancelled ones done, and every cache slot is free afterwards."""
     svc = TTSService(tts, queue_size=64, first_chunk_frames=2, chunk_frames=5,
-                     policy=Policy(max_queue_wait_s=1e9, behind_s=1e9))
+                     policy=Policy(max_queue_wait_s=1e9, behind_s=1e9, adaptive=False))
     svc.start()
     rng = random.Random(0)
     texts = ["Hello there.", "A second, longer sentence to speak. And one more.", "Numbers: 42."]
