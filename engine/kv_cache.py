@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -21,11 +22,12 @@ class BlockLayout:
     """
 
     slots: torch.Tensor  # (B,) cache slot of each sequence
-    slot_range: tuple[int, int] | None  # (first, last+1) when slots are consecutive: read by slicing
+    slot_range: tuple[int, int] | None  # (first, last+1) of the slots read as one view (else gathered)
+    members: torch.Tensor | None  # (B,) each sequence's place in slot_range when it has gaps
     positions: torch.Tensor  # (B, T) rotary position of each new token
     writes: list[tuple[int, int, int]]  # per sequence: (slot, first cache index, block length)
     rows: tuple[torch.Tensor, torch.Tensor] | None  # B > 1: see `KVCache.layout`
-    attn_mask: torch.Tensor | None  # (B, 1, T, S) bool, True = may attend; None: attend to all
+    attn_mask: torch.Tensor | None  # (B or range, 1, T, S) bool, True = may attend; None: all
     span: int  # S
 
 
@@ -107,15 +109,21 @@ class KVCache:
                 raise ValueError(f"slot {s}: {start} cached + {len(par)} new tokens exceed "
                                  f"the cache length {self.max_len}")
         span = max(start + len(par) for start, par in zip(starts, parents))
+        # attention reads the slots as one view when they span at most twice their number: the
+        # gaps' slots ride along as idle rows (cheaper than gathering every sequence's entries)
+        first, end = min(slots), max(slots) + 1
+        viewed = end - first <= 2 * B
+        gaps = viewed and slots != list(range(first, end))
+        places = [s - first for s in slots] if gaps else list(range(B))
         positions = torch.zeros(B, T, dtype=torch.long)
-        mask = torch.zeros(B, 1, T, span, dtype=torch.bool)
+        mask = torch.zeros(end - first if gaps else B, 1, T, span, dtype=torch.bool)
+        mask[:, 0, :, 0] = True  # padding and idle rows attend to one entry: softmax stays finite
         for b, (s, start, par) in enumerate(zip(slots, starts, parents)):
-            n = len(par)
+            n, i = len(par), places[b]
             positions[b, :n] = start + torch.tensor(depths(par), dtype=torch.long)
-            mask[b, 0, :n, :start] = True
-            mask[b, 0, :n, start:start + n] = ancestor_mask(par)
-            mask[b, 0, n:, 0] = True  # padding rows attend to one entry so softmax stays finite
-        consecutive = slots == list(range(slots[0], slots[0] + B))
+            mask[i, 0, :n] = False
+            mask[i, 0, :n, :start] = True
+            mask[i, 0, :n, start:start + n] = ancestor_mask(par)
         dev = self.device
         rows = None  # one sequence writes a slice (`writes`)
         if B > 1:  # every real row in one indexed copy: its row in the (B T) block, and for each
@@ -128,7 +136,8 @@ class KVCache:
             rows = (torch.tensor(src, dtype=torch.long, device=dev),
                     torch.tensor(dest, dtype=torch.long, device=dev))
         return BlockLayout(slots=torch.tensor(slots, dtype=torch.long, device=dev),
-                           slot_range=(slots[0], slots[0] + B) if consecutive else None,
+                           slot_range=(first, end) if viewed else None,
+                           members=torch.tensor(places, device=dev) if gaps else None,
                            positions=positions.to(dev),
                            writes=[(s, start, len(par)) for s, start, par in zip(slots, starts, parents)],
                            rows=rows,
@@ -138,7 +147,7 @@ class KVCache:
     def update(self, layer: int, layout: BlockLayout, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write the block's k, v (B, T, Hkv, hd) into the cache; return the keys and values that
-        the block attends to, (B, Hkv, S, hd) each."""
+        the block attends to, (B or the slot range, Hkv, S, hd) each."""
         kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
         if layout.rows is None:  # one sequence: a slice (no index tensors to build or read)
             slot, start, n = layout.writes[0]
@@ -154,6 +163,18 @@ class KVCache:
             first, end = layout.slot_range
             return kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]
         return kc[layout.slots, :, :layout.span], vc[layout.slots, :, :layout.span]
+
+    def attend(self, layer: int, layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
+               v: torch.Tensor) -> torch.Tensor:
+        """Write the block's k, v (B, T, Hkv, hd), then attend: q (B, T, H, hd) over the cached and
+        new entries each token may see (the layout's mask). Returns (B, H, T, hd)."""
+        keys, values = self.update(layer, layout, k, v)
+        q = q.transpose(1, 2)  # (B, H, T, hd)
+        if layout.members is not None:  # a slot range with gaps: idle rows for the gaps
+            q = q.new_zeros((keys.shape[0], *q.shape[1:])).index_copy_(0, layout.members, q)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask,
+                                             enable_gqa=q.shape[1] != keys.shape[1])
+        return out if layout.members is None else out.index_select(0, layout.members)
 
     # --- after verification -------------------------------------------------------------------
     def commit(self, slot: int, keep: list[int]) -> None:

@@ -168,14 +168,12 @@ class Attention(nn.Module):
             q = apply_rotary(self.q_proj(x).view(B, T, H, hd), cos, sin)  # (B, T, H, hd)
             k = apply_rotary(self.k_proj(x).view(B, T, Hkv, hd), cos, sin)  # (B, T, Hkv, hd)
             v = self.v_proj(x).view(B, T, Hkv, hd)  # (B, T, Hkv, hd)
-        gqa = H != Hkv
         if cache is None:  # training: a causal pass over whole sequences (right padding only)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
-                                                 v.transpose(1, 2), is_causal=True, enable_gqa=gqa)
-        else:
-            keys, values = cache.update(self.layer_idx, layout, k, v)  # (B, Hkv, S, hd) each
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values,
-                                                 attn_mask=layout.attn_mask, enable_gqa=gqa)
+                                                 v.transpose(1, 2), is_causal=True,
+                                                 enable_gqa=H != Hkv)
+        else:  # k, v into the persistent cache; attention over what the layout lets each see
+            out = cache.attend(self.layer_idx, layout, q, k, v)  # (B, H, T, hd)
         out = out.transpose(1, 2).reshape(B, T, H * hd)  # (B, H, T, hd) -> (B, T, H hd)
         if self.o_t is not None:
             return project(out, self.o_t, self.o_bias)

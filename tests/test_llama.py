@@ -81,3 +81,39 @@ def test_prefill_then_incremental_equals_full_forward(gqa_config):
             rows.append(model.logits(model(torch.tensor([chunk]), cache, layout))[0])
             cache.commit(slot, list(range(len(chunk))))
     assert torch.allclose(torch.cat(rows), full, atol=1e-5)
+
+
+@pytest.mark.parametrize("slots", [[0, 2], [3, 1, 0], [0, 7]], ids=["gap", "unordered-gap", "gather"])
+def test_batched_forward_over_scattered_slots_equals_each_alone(gqa_config, slots):
+    """Sequences in slots with gaps between them (a view with idle rows) or far apart (a gathered
+    copy) give the logits each gets alone; the other slots' entries stay as they were."""
+    model = LlamaForCausalLM(gqa_config)
+    init_weights(model, std=0.1, seed=5)
+    model.fuse_projections()
+    cfg = model.config
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 101, (n,), generator=gen).tolist() for n in (9, 4, 13)][:len(slots)]
+    nxt = [torch.randint(0, 101, (n,), generator=gen).tolist() for n in (1, 3, 2)][:len(slots)]
+    cache = KVCache(cfg.num_hidden_layers, 8, cfg.num_key_value_heads, 64, cfg.head_dim)
+    cache.k.normal_(generator=gen)  # stale entries everywhere: nothing may read them
+    cache.v.normal_(generator=gen)
+    for _ in range(8):
+        cache.allocate()
+    alone = []
+    with torch.no_grad():
+        for s, p, n in zip(slots, prompts, nxt):
+            layout = cache.layout([s], [list(range(-1, len(p) - 1))])
+            model(torch.tensor([p]), cache, layout)
+            cache.commit(s, list(range(len(p))))
+            layout = cache.layout([s], [list(range(-1, len(n) - 1))])
+            alone.append(model.logits(model(torch.tensor([n]), cache, layout))[0])
+        untouched = cache.k[:, [x for x in range(8) if x not in slots]].clone()
+        layout = cache.layout(slots, [list(range(-1, len(n) - 1)) for n in nxt])
+        far = slots == [0, 7]  # 8 slots spanned by 2 sequences: gathered, not viewed
+        assert (layout.slot_range is None) == far and (layout.members is None) == far
+        width = max(map(len, nxt))
+        ids = torch.tensor([n + [0] * (width - len(n)) for n in nxt])
+        batched = model.logits(model(ids, cache, layout))
+    for b, n in enumerate(nxt):
+        assert torch.allclose(batched[b, :len(n)], alone[b], atol=1e-5)
+    assert torch.equal(cache.k[:, [x for x in range(8) if x not in slots]], untouched)
