@@ -25,22 +25,29 @@ from engine.types import GenerationConfig, GenerationResult
 from models.bundle import Bundle, load_bundle
 
 
-# a forward costs about as much as this many more padded rows, whatever its size (CPU, small model)
+# a forward costs about as much as this many more real rows, whatever its size (CPU, small model)
 FORWARD_OVERHEAD_ROWS = 12
+# a padding row costs this share of a real row: real rows alone go through the projections (packed),
+# padding exists only inside attention
+PADDING_ROW_COST = 0.25
 
 
-def plan_forwards(lengths: list[int], overhead: int = FORWARD_OVERHEAD_ROWS) -> list[list[int]]:
-    """Split blocks of these lengths into groups, one padded forward each, minimising the rows
-    computed (group size x its longest block) plus `overhead` per forward: a newcomer's prompt chunk
-    is not padded onto every running sequence's one-token block. Groups are contiguous in length
-    order (dynamic programming over the sorted lengths)."""
+def plan_forwards(lengths: list[int], overhead: float = FORWARD_OVERHEAD_ROWS,
+                  padding_cost: float = PADDING_ROW_COST) -> list[list[int]]:
+    """Split blocks of these lengths into groups, one padded forward each, minimising the padding
+    (group size x its longest block, less its real rows, times `padding_cost`) plus `overhead` per
+    forward: a newcomer's prompt chunk is not padded onto every running sequence's one-token block.
+    Groups are contiguous in length order (dynamic programming over the sorted lengths)."""
     order = sorted(range(len(lengths)), key=lambda b: lengths[b])
     n = len(order)
     best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j blocks (sorted)
     cut = [0] * (n + 1)
     for j in range(1, n + 1):
-        for i in range(j):
-            cost = best[i] + (j - i) * lengths[order[j - 1]] + overhead
+        real = 0
+        for i in range(j - 1, -1, -1):  # group = sorted blocks i .. j-1
+            real += lengths[order[i]]
+            padding = (j - i) * lengths[order[j - 1]] - real
+            cost = best[i] + padding * padding_cost + overhead
             if cost < best[j]:
                 best[j], cut[j] = cost, i
     groups, j = [], n

@@ -126,8 +126,8 @@ class KVCache:
             mask[i, 0, :n, start:start + n] = ancestor_mask(par)
         dev = self.device
         rows = None  # one sequence writes a slice (`writes`)
-        if B > 1:  # every real row in one indexed copy: its row in the (B T) block, and for each
-            # kv head its row in a layer's cache seen as (max_batch Hkv max_len, hd)
+        if B > 1:  # the real rows, packed: each one's row in the (B T) block, and for each kv
+            # head its row in a layer's cache seen as (max_batch Hkv max_len, hd)
             heads = self.k.shape[2]
             src = [b * T + t for b, par in enumerate(parents) for t in range(len(par))]
             dest = [(s * heads + h) * self.max_len + start + t
@@ -146,19 +146,19 @@ class KVCache:
 
     def update(self, layer: int, layout: BlockLayout, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the block's k, v (B, T, Hkv, hd) into the cache; return the keys and values that
-        the block attends to, (B or the slot range, Hkv, S, hd) each."""
+        """Write the block's k, v into the cache: (1, T, Hkv, hd) for one sequence, (1, R, Hkv, hd)
+        packed real rows for several (`rows`). Returns the keys and values the block attends to,
+        (B or the slot range, Hkv, S, hd) each."""
         kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
         if layout.rows is None:  # one sequence: a slice (no index tensors to build or read)
             slot, start, n = layout.writes[0]
             kc[slot, :, start:start + n] = k[0, :n].transpose(0, 1)
             vc[slot, :, start:start + n] = v[0, :n].transpose(0, 1)
-        else:  # every real row of every sequence in one indexed copy; padding rows are skipped
-            src, dest = layout.rows
-            B, T, Hkv, hd = k.shape
-            for cache, new in ((kc, k), (vc, v)):
-                rows = new.reshape(B * T, Hkv, hd).index_select(0, src)  # (R, Hkv, hd)
-                cache.view(-1, hd).index_copy_(0, dest, rows.view(-1, hd))
+        else:  # every real row of every sequence in one indexed copy
+            dest = layout.rows[1]
+            hd = k.shape[-1]
+            kc.view(-1, hd).index_copy_(0, dest, k[0].reshape(-1, hd))
+            vc.view(-1, hd).index_copy_(0, dest, v[0].reshape(-1, hd))
         if layout.slot_range is not None:
             first, end = layout.slot_range
             return kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]
@@ -166,15 +166,25 @@ class KVCache:
 
     def attend(self, layer: int, layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
-        """Write the block's k, v (B, T, Hkv, hd), then attend: q (B, T, H, hd) over the cached and
-        new entries each token may see (the layout's mask). Returns (B, H, T, hd)."""
+        """Write the block's k, v, then attend: q over the cached and new entries each token may see
+        (the layout's mask). q (1, T, H, hd) for one sequence or (1, R, H, hd) packed real rows
+        (k, v alike, with Hkv heads); returns the same shape as q."""
         keys, values = self.update(layer, layout, k, v)
+        B, T = layout.positions.shape
+        H, hd = q.shape[2:]
+        if layout.rows is not None:  # unpack: (B, T) rows, padding zero
+            q = q.new_zeros(B * T, H, hd).index_copy_(0, layout.rows[0], q[0]).view(B, T, H, hd)
         q = q.transpose(1, 2)  # (B, H, T, hd)
         if layout.members is not None:  # a slot range with gaps: idle rows for the gaps
             q = q.new_zeros((keys.shape[0], *q.shape[1:])).index_copy_(0, layout.members, q)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=layout.attn_mask,
-                                             enable_gqa=q.shape[1] != keys.shape[1])
-        return out if layout.members is None else out.index_select(0, layout.members)
+                                             enable_gqa=H != keys.shape[1])
+        if layout.members is not None:
+            out = out.index_select(0, layout.members)
+        out = out.transpose(1, 2)  # (B, T, H, hd)
+        if layout.rows is None:
+            return out
+        return out.reshape(B * T, H, hd).index_select(0, layout.rows[0])[None]  # (1, R, H, hd)
 
     # --- after verification -------------------------------------------------------------------
     def commit(self, slot: int, keep: list[int]) -> None:

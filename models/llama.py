@@ -172,9 +172,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                  v.transpose(1, 2), is_causal=True,
                                                  enable_gqa=H != Hkv)
+            out = out.transpose(1, 2)  # (B, T, H, hd)
         else:  # k, v into the persistent cache; attention over what the layout lets each see
-            out = cache.attend(self.layer_idx, layout, q, k, v)  # (B, H, T, hd)
-        out = out.transpose(1, 2).reshape(B, T, H * hd)  # (B, H, T, hd) -> (B, T, H hd)
+            out = cache.attend(self.layer_idx, layout, q, k, v)  # (B, T, H, hd)
+        out = out.reshape(B, T, H * hd)
         if self.o_t is not None:
             return project(out, self.o_t, self.o_bias)
         return self.o_proj(out)
@@ -242,15 +243,23 @@ class LlamaForCausalLM(nn.Module):
         """input_ids (B, T) -> final hidden states (B, T, hidden). With a cache, K/V of every input
         are written into it at `layout`'s positions and attention follows the layout's mask; without
         one (training), each row is a whole sequence from position 0, causally masked."""
+        B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         if layout is None:
-            T = input_ids.shape[1]
             cos, sin = self.model.rotary(torch.arange(T, device=input_ids.device)[None], T)
-        else:
+        elif layout.rows is None:
             cos, sin = self.model.rotary(layout.positions, layout.span)
+        else:  # several sequences: only their real rows, packed as (1, R), go through the layers;
+            # the (B, T) padding exists inside attention alone (`KVCache.attend`)
+            real = layout.rows[0]  # (R,) row b * T + t of each real token
+            x = x.view(B * T, -1).index_select(0, real)[None]  # (1, R, D)
+            cos, sin = self.model.rotary(layout.positions.view(-1)[real][None], layout.span)
         for layer in self.model.layers:
             x = layer(x, cos, sin, cache, layout)
-        return self.model.norm(x)
+        x = self.model.norm(x)
+        if layout is not None and layout.rows is not None:  # back to (B, T, D), padding zero
+            x = x.new_zeros(B * T, x.shape[-1]).index_copy_(0, layout.rows[0], x[0]).view(B, T, -1)
+        return x
 
     def fuse_projections(self) -> LlamaForCausalLM:
         """For inference: q/k/v and gate/up projections become one matmul each (fewer, larger

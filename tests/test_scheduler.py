@@ -77,27 +77,31 @@ def test_capacity_is_learned_from_step_costs():
     assert same.streams() == 5  # 40 ms of audio per 7.5 ms-per-stream step
 
 # --- forward grouping ---------------------------------------------------------------------------
-def cost(groups, lengths, overhead):
-    return sum(len(g) * max(lengths[b] for b in g) + overhead for g in groups)
+def cost(groups, lengths, overhead, padding_cost):
+    return sum(padding_cost * (len(g) * max(lengths[b] for b in g) - sum(lengths[b] for b in g))
+               + overhead for g in groups)
 
 
 def test_a_prompt_chunk_is_not_padded_onto_running_sequences():
     lengths = [1] * 15 + [64]
-    groups = plan_forwards(lengths, overhead=12)
+    groups = plan_forwards(lengths, overhead=12, padding_cost=0.25)
     assert sorted(map(len, groups)) == [1, 15]
-    assert plan_forwards([17, 17, 16, 17], overhead=12) == [[2, 0, 1, 3]]  # alike: one forward
+    # alike, or padding cheap against a forward: one forward
+    assert plan_forwards([17, 17, 16, 17], overhead=12, padding_cost=1.0) == [[2, 0, 1, 3]]
+    assert plan_forwards([1, 1, 2, 3], overhead=12, padding_cost=0.25) == [[0, 1, 2, 3]]
 
 
-def test_forward_plan_is_optimal_and_covers_every_block():
+@pytest.mark.parametrize("padding_cost", [1.0, 0.25])
+def test_forward_plan_is_optimal_and_covers_every_block(padding_cost):
     rng = random.Random(0)
     for _ in range(40):
         lengths = [rng.choice([1, 2, 3, 5, 17, 40, 64]) for _ in range(rng.randint(1, 6))]
-        groups = plan_forwards(lengths, overhead=12)
+        groups = plan_forwards(lengths, overhead=12, padding_cost=padding_cost)
         assert sorted(b for g in groups for b in g) == list(range(len(lengths)))
         best = min(cost([[b for b, k in enumerate(labels) if k == g] for g in set(labels)],
-                        lengths, 12)
+                        lengths, 12, padding_cost)
                    for labels in itertools.product(range(len(lengths)), repeat=len(lengths)))
-        assert cost(groups, lengths, 12) == best
+        assert cost(groups, lengths, 12, padding_cost) == pytest.approx(best)
 
 
 # --- the engine under the scheduler's knobs -------------------------------------------------------
