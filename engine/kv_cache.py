@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,11 +32,13 @@ class BlockLayout:
     span: int  # S
 
 
-def ancestor_mask(parents: list[int]) -> torch.Tensor:
+def ancestor_mask(parents: list[int]) -> np.ndarray:
     """parents[i] < i is the index of node i's parent inside the block, -1 for the cached prefix.
     Returns (n, n) bool: row i is True at i and at each of its ancestors (tree attention)."""
     n = len(parents)
-    mask = torch.zeros(n, n, dtype=torch.bool)
+    if parents == list(range(-1, n - 1)):  # a chain: causal
+        return np.tri(n, dtype=bool)
+    mask = np.zeros((n, n), dtype=bool)
     for i, p in enumerate(parents):
         if p >= 0:
             mask[i] = mask[p]
@@ -115,12 +118,13 @@ class KVCache:
         viewed = end - first <= 2 * B
         gaps = viewed and slots != list(range(first, end))
         places = [s - first for s in slots] if gaps else list(range(B))
-        positions = torch.zeros(B, T, dtype=torch.long)
-        mask = torch.zeros(end - first if gaps else B, 1, T, span, dtype=torch.bool)
+        # built in numpy (many small slices), handed to torch once
+        positions = np.zeros((B, T), dtype=np.int64)
+        mask = np.zeros((end - first if gaps else B, 1, T, span), dtype=bool)
         mask[:, 0, :, 0] = True  # padding and idle rows attend to one entry: softmax stays finite
         for b, (s, start, par) in enumerate(zip(slots, starts, parents)):
             n, i = len(par), places[b]
-            positions[b, :n] = start + torch.tensor(depths(par), dtype=torch.long)
+            positions[b, :n] = start + np.asarray(depths(par))
             mask[i, 0, :n] = False
             mask[i, 0, :n, :start] = True
             mask[i, 0, :n, start:start + n] = ancestor_mask(par)
@@ -138,11 +142,12 @@ class KVCache:
         return BlockLayout(slots=torch.tensor(slots, dtype=torch.long, device=dev),
                            slot_range=(first, end) if viewed else None,
                            members=torch.tensor(places, device=dev) if gaps else None,
-                           positions=positions.to(dev),
+                           positions=torch.from_numpy(positions).to(dev),
                            writes=[(s, start, len(par)) for s, start, par in zip(slots, starts, parents)],
                            rows=rows,
                            # one token of one sequence sees its whole prefix: no mask needed
-                           attn_mask=None if B == T == 1 else mask.to(dev), span=span)
+                           attn_mask=None if B == T == 1 else torch.from_numpy(mask).to(dev),
+                           span=span)
 
     def update(self, layer: int, layout: BlockLayout, k: torch.Tensor,
                v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
