@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from engine.engine import Engine, resolve_device
+from engine.kv_cache import KVCache
 from engine.rules import InterleavedRule, TokenRule
 from engine.sampling import SamplingParams
 from engine.tree import default_accuracies, sparse_tree
@@ -101,30 +102,31 @@ def run_transformers(bundle: Bundle, prompts, max_new: int, device: torch.device
 
 
 @torch.inference_mode()
-def forward_cost(engine: Engine, rows: list[int], context: int = 150, repeats: int = 30
-                 ) -> dict[int, float]:
-    """Median ms of one target forward (logits of every row included) that appends `rows` tokens as
-    a chain after `context` cached tokens, batch 1: what verifying a tree of that size costs."""
-    cache, model = engine.cache, engine.target
-    slot = cache.allocate()
-    try:
-        prefix = torch.zeros(1, context, dtype=torch.long, device=engine.device)
-        model(prefix, cache, cache.layout([slot], [list(range(-1, context - 1))]))
+def forward_cost(engine: Engine, rows: list[int], batch: int = 1, context: int = 150,
+                 repeats: int = 30) -> dict[int, float]:
+    """Median ms of one target forward (logits of every row included) in which each of `batch`
+    sequences with `context` cached tokens appends `rows` tokens as a chain: at batch 1 what verifying
+    a tree of that size costs, with one row what a step of continuous batching costs."""
+    model, cfg = engine.target, engine.target.config
+    cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, context + max(rows),
+                    cfg.head_dim, next(model.parameters()).dtype, engine.device)
+    slots = [cache.allocate() for _ in range(batch)]
+    prefix = torch.zeros(batch, context, dtype=torch.long, device=engine.device)
+    model(prefix, cache, cache.layout(slots, [list(range(-1, context - 1))] * batch))
+    for slot in slots:
         cache.commit(slot, list(range(context)))
-        out = {}
-        for n in rows:
-            ids = torch.zeros(1, n, dtype=torch.long, device=engine.device)
-            layout = cache.layout([slot], [list(range(-1, n - 1))])
-            model(ids, cache, layout)  # warm-up
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                model.logits(model(ids, cache, layout)[0]).cpu()
-                times.append(time.perf_counter() - t0)
-            out[n] = 1000 * statistics.median(times)
-        return out
-    finally:
-        cache.release(slot)
+    out = {}
+    for n in rows:
+        ids = torch.zeros(batch, n, dtype=torch.long, device=engine.device)
+        layout = cache.layout(slots, [list(range(-1, n - 1))] * batch)
+        model(ids, cache, layout)  # warm-up
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model.logits(model(ids, cache, layout)).cpu()
+            times.append(time.perf_counter() - t0)
+        out[n] = 1000 * statistics.median(times)
+    return out
 
 
 def main() -> None:
@@ -175,6 +177,7 @@ def main() -> None:
                                    stop_on_eos=stop, sampling=SamplingParams())
             results[f"heads {accept} {n} nodes"] = run_mode(engine, prompts, cfg)
     cost = forward_cost(engine, [1, 2, 4, 8, 17, 33])
+    batched = {b: forward_cost(engine, [1], batch=b)[1] for b in (1, 4, 16, 32)}
     hf = run_transformers(bundle, prompts, args.max_new_tokens, device)
     if hf:
         results["transformers generate"] = hf
@@ -190,11 +193,14 @@ def main() -> None:
               f"{r['mean_accepted_length']:13.2f} {r['target_forwards_per_token']:10.3f}")
     print("one target forward, batch 1, 150 cached tokens: "
           + ", ".join(f"{n} rows {ms:.2f} ms ({ms / cost[1]:.2f}x)" for n, ms in cost.items()))
+    print("one target forward, B sequences of one new token each (continuous batching): "
+          + ", ".join(f"B={b} {ms:.2f} ms ({ms / batched[1]:.2f}x)" for b, ms in batched.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bundle": args.bundle, "device": str(device),
                                "threads": torch.get_num_threads(), "results": results,
-                               "forward_ms_by_rows": cost}, indent=2))
+                               "forward_ms_by_rows": cost, "forward_ms_by_batch": batched},
+                              indent=2))
 
 
 if __name__ == "__main__":
