@@ -46,8 +46,8 @@ REFERENCE_SYSTEMS = ("espeak", "resynth")
 MODES: dict[str, dict] = {
     "plain": {"decoding": "plain", "accept": "exact"},
     "heads-exact": {"decoding": "heads", "accept": "exact"},
-    "heads-tolerance": {"decoding": "heads", "accept": "tolerance", "tau": 2},
-    "draft": {"decoding": "draft", "accept": "tolerance", "beta": 0.4, "tau": 2},
+    "heads-tolerance": {"decoding": "heads", "accept": "tolerance", "tau": 2, "min_ratio": 0.0},
+    "draft": {"decoding": "draft", "accept": "tolerance", "beta": 0.4, "tau": 2, "min_ratio": 0.0},
 }
 ALL_SYSTEMS = (*REFERENCE_SYSTEMS, *MODES)
 MAX_DURATION_RATIO = 2.0  # the target: no sentence longer than twice espeak-ng's
@@ -317,6 +317,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="TTS: per-phoneme speech-token constraint (default: the bundle's; 1: off)")
     ap.add_argument("--tau", type=int, default=None, help="tolerance: top-τ (default 2)")
     ap.add_argument("--beta", type=float, default=None, help="draft: SSD's β (default 0.4)")
+    ap.add_argument("--min-ratio", type=float, default=None,
+                    help="tolerance: a top-τ token needs this share of the top one's probability")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -349,7 +351,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = evaluate(sentences, systems, judge, bundle=args.bundle, device=args.device,
                       save_wavs=args.save_wavs, progress=not args.no_progress,
                       phoneme_coverage=args.phoneme_coverage,
-                      overrides={k: v for k, v in (("tau", args.tau), ("beta", args.beta))
+                      overrides={k: v for k, v in (("tau", args.tau), ("beta", args.beta),
+                                                   ("min_ratio", args.min_ratio))
                                  if v is not None})
     report["phoneme_coverage"] = args.phoneme_coverage
     report["judge"] = {"model": "whisper-base (CTranslate2, int8, CPU)", "model_dir": str(judge.model_dir),

@@ -30,6 +30,8 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=int, default=2,
                    help="tolerance: top-τ / τ samples (heads), the support of greedy draft")
     p.add_argument("--beta", type=float, default=0.4, help="draft + tolerance: SSD's β")
+    p.add_argument("--min-ratio", type=float, default=0.0,
+                   help="greedy tolerance: a top-τ token needs this share of the top token's probability")
     p.add_argument("--gamma", type=int, default=4, help="draft: tokens drafted per round")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -42,7 +44,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, decoding=args.decoding, accept=args.accept,
-        tau=args.tau, beta=args.beta, gamma=args.gamma, seed=args.seed,
+        tau=args.tau, beta=args.beta, gamma=args.gamma, seed=args.seed, min_ratio=args.min_ratio,
         sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                                 repetition_penalty=args.repetition_penalty,
                                 repetition_window=args.repetition_window))

@@ -8,6 +8,7 @@ logits at each visited node and returns the accepted path and the bonus token.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Hashable
 
@@ -82,10 +83,14 @@ def verify(cands: Candidates, logits: torch.Tensor, context: list[int], root_sta
         node, state = nxt, cands.states[nxt]
 
 
-def top_tau(proc: torch.Tensor, tau: int) -> list[int]:
-    """The target's τ best tokens among the allowed ones, from processed logits (V,)."""
+def top_tau(proc: torch.Tensor, tau: int, min_ratio: float = 0.0) -> list[int]:
+    """The target's τ best tokens among the allowed ones, from processed logits (V,); with
+    min_ratio > 0 only those whose probability is at least min_ratio x the best one's."""
     top = torch.topk(proc, min(tau, proc.shape[-1]))
-    return top.indices[torch.isfinite(top.values)].tolist()
+    keep = torch.isfinite(top.values)
+    if min_ratio > 0:  # p_i / p_1 = exp(l_i - l_1) at temperature 1
+        keep &= top.values >= top.values[0] + math.log(min_ratio)
+    return top.indices[keep].tolist()
 
 
 def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: SamplingParams,
@@ -103,7 +108,7 @@ def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: Sampl
         return token_of.get(own), own, False
     if decoding == "heads":  # tolerance τ (VADUSA)
         if params.greedy:
-            allowed = top_tau(proc, cfg.tau)
+            allowed = top_tau(proc, cfg.tau, cfg.min_ratio)
         else:
             allowed = torch.multinomial(distribution(proc, params), cfg.tau, replacement=True,
                                         generator=gen).tolist()
@@ -127,7 +132,8 @@ def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: Sampl
     # Greedy decoding judges with the target's temperature-1 distribution, and its support is the
     # target's top-τ (unfiltered, β alone would let any allowed token through 40% of the time).
     q = distribution(proc, params, temperature=params.temperature or 1.0)
-    supported = token in top_tau(proc, cfg.tau) if params.greedy else bool(q[token] > 0)
+    supported = (token in top_tau(proc, cfg.tau, cfg.min_ratio) if params.greedy
+                 else bool(q[token] > 0))
     r = float(torch.rand(1, generator=gen))
     if supported and r < min(1.0, float(q[token] / p[token])) + cfg.beta:
         return kid, -1, False

@@ -25,6 +25,9 @@ class GenerationConfig:
     accept: str = "exact"  # exact | tolerance | lossless
     tau: int = 2  # tolerance: a candidate among the target's top-τ (or τ samples); greedy draft's support
     beta: float = 0.4  # draft + tolerance: accept if r < min(1, q/p) + β (SSD)
+    # greedy tolerance: a top-τ token counts only if its probability is at least this share of the
+    # target's top token's (temperature 1); 0: any of the top-τ (VADUSA), 1: only the top (exact)
+    min_ratio: float = 0.0
     gamma: int = 4  # draft: tokens drafted per round
     tree: tuple[tuple[int, ...], ...] | None = None  # heads: tree shape; None = the bundle's default
     sampling: SamplingParams = field(default_factory=SamplingParams)
@@ -40,6 +43,8 @@ class GenerationConfig:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
         if self.tau < 1:
             raise ValueError(f"tau must be >= 1, got {self.tau}")
+        if not 0 <= self.min_ratio <= 1:
+            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}")
         if self.gamma < 1:

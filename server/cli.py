@@ -18,7 +18,9 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--max-len", {"type": int, "help": "KV cache length per sequence (default 4096)"}),
     ("--decoding", {"help": "default decoding: auto | plain | heads | draft"}),
     ("--accept", {"help": "default acceptance: exact | tolerance | lossless"}),
-    ("--tau", {"type": int, "help": "heads + tolerance: top-tau (default 3)"}),
+    ("--tau", {"type": int, "help": "tolerance: top-tau (default 2)"}),
+    ("--min-ratio", {"type": float, "help": "greedy tolerance: a top-tau token needs this share of "
+                                            "the top token's probability (default 0)"}),
     ("--beta", {"type": float, "help": "draft + tolerance: SSD's beta (default 0.4)"}),
     ("--gamma", {"type": int, "help": "draft: tokens drafted per round (default 4)"}),
     ("--temperature", {"type": float, "help": "default sampling temperature (0: greedy)"}),

@@ -3,7 +3,7 @@ sentence as soon as each sentence is complete — the protocol vLLM-Omni serves 
 
 Client -> server (JSON text frames, each with a "type"):
     {"type": "session.config", ...}   the HTTP request's fields except input (model, voice, speed,
-                                      decoding, accept, tau, beta, temperature, top_k, seed, ...);
+                                      decoding, accept, tau, beta, min_ratio, temperature, top_k, seed, ...);
                                       stays in effect for every later session on the socket
     {"type": "input.text", "text": "..."}   any number; the first one starts a session
     {"type": "input.done"}            no more text: speak the rest, then end the session

@@ -38,6 +38,8 @@ class SpeechOptions(BaseModel):
     accept: Literal[ACCEPTS] | None = Field(None, description="default: the server's")
     tau: int | None = Field(None, ge=1, le=64, description="heads + tolerance: top-tau / tau samples")
     beta: float | None = Field(None, ge=0, le=10, description="draft + tolerance: SSD's beta")
+    min_ratio: float | None = Field(None, ge=0, le=1, description="greedy tolerance: a top-tau token "
+                                    "needs this share of the top token's probability")
     gamma: int | None = Field(None, ge=1, le=16, description="draft: tokens drafted per round")
     temperature: float | None = Field(None, ge=0, le=10, description="0: greedy")
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="0: off")

@@ -31,6 +31,7 @@ def default_config(settings: Settings, tts: TextToSpeech) -> GenerationConfig:
         decoding = "heads" if engine.heads is not None else "draft" if engine.draft else "plain"
     return GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, decoding=decoding, accept=settings.accept,
                             tau=settings.tau, beta=settings.beta, gamma=settings.gamma,
+                            min_ratio=settings.min_ratio,
                             sampling=SamplingParams(temperature=settings.temperature))
 
 
@@ -85,7 +86,8 @@ class ServerState:
         cfg = self.default_cfg
         sampling = {k: getattr(opts, k) for k in ("temperature", "top_k", "top_p")
                     if getattr(opts, k) is not None}
-        decoding = {k: getattr(opts, k) for k in ("decoding", "accept", "tau", "beta", "gamma", "seed")
+        decoding = {k: getattr(opts, k) for k in ("decoding", "accept", "tau", "beta", "min_ratio",
+                                                   "gamma", "seed")
                     if getattr(opts, k) is not None}
         cfg = replace(cfg, sampling=replace(cfg.sampling, **sampling), **decoding)
         tts = service.tts

@@ -11,6 +11,7 @@ from engine.engine import Engine
 from engine.kv_cache import KVCache
 from engine.rules import InterleavedRule
 from engine.sampling import SamplingParams
+from engine.speculative import top_tau
 from engine.tree import sparse_tree
 from engine.types import GenerationConfig
 from models.bundle import random_bundle
@@ -125,6 +126,19 @@ def test_tau_one_greedy_tolerance_equals_plain(decoding):
     tol = engine.generate(prompt, GenerationConfig(max_new_tokens=40, decoding=decoding,
                                                    accept="tolerance", tau=1, beta=0.9, seed=1))
     assert tol.tokens == plain.tokens
+    # τ = 8 but a ratio floor of 1: only the top token passes, so plain again
+    floor = engine.generate(prompt, GenerationConfig(max_new_tokens=40, decoding=decoding,
+                                                     accept="tolerance", tau=8, min_ratio=1.0,
+                                                     beta=0.9, seed=1))
+    assert floor.tokens == plain.tokens
+
+
+def test_top_tau_ratio_floor():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert top_tau(logits, 3) == [0, 1, 2]
+    assert top_tau(logits, 3, min_ratio=0.5) == [0, 1]  # 0.3 / 0.5 = 0.6 >= 0.5; 0.15 / 0.5 < 0.5
+    assert top_tau(logits.masked_fill(torch.tensor([False, True, True, True]), float("-inf")),
+                   3, 0.1) == [0]  # disallowed tokens never pass
 
 
 def test_cache_after_rejections_equals_cache_of_accepted_tokens():
