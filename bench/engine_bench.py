@@ -139,6 +139,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=30)
     ap.add_argument("--tau", type=int, default=2)
     ap.add_argument("--beta", type=float, default=0.4)
+    ap.add_argument("--min-ratio", type=float, default=GenerationConfig.min_ratio,
+                    help="tolerance: share of the top token's probability a top-τ token needs")
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--tree-nodes", default="", help="also sweep heads trees of these sizes, e.g. 4,8,16,32")
     ap.add_argument("--out", default="bench/results/engine.json")
@@ -165,6 +167,7 @@ def main() -> None:
             continue
         cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, decoding=decoding, accept=accept,
                                tau=args.tau, beta=args.beta, gamma=args.gamma, seed=0,
+                               min_ratio=args.min_ratio,
                                stop_on_eos=stop, sampling=SamplingParams())
         results[name] = run_mode(engine, prompts, cfg)
     for n in [int(x) for x in args.tree_nodes.split(",") if x]:
@@ -174,6 +177,7 @@ def main() -> None:
             tree = tuple(sparse_tree(acc or default_accuracies(engine.heads.num_heads), n))
             cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, decoding="heads",
                                    accept=accept, tau=args.tau, tree=tree, seed=0,
+                                   min_ratio=args.min_ratio,
                                    stop_on_eos=stop, sampling=SamplingParams())
             results[f"heads {accept} {n} nodes"] = run_mode(engine, prompts, cfg)
     cost = forward_cost(engine, [1, 2, 4, 8, 17, 33])
