@@ -12,7 +12,8 @@ transcribes the audio, and the transcripts are scored against the text (corpus W
 * ``resynth`` -- that audio turned into speech tokens by the bundle's codebook and decoded by the
   bundle's vocoder (the ceiling that tokens + vocoder allow);
 * the TTS modes -- the whole voice (`engine.tts.TextToSpeech`): ``plain`` (plain decoding),
-  ``heads-exact``, ``heads-tolerance`` (tau 2), ``draft`` (draft model, tolerance beta 0.4, top-2 support).
+  ``heads-exact``, ``heads-tolerance`` (tau 2, ratio floor 0.5), ``draft`` (draft model, tolerance beta
+  0.4, top-2 support, ratio floor 0.5).
   Modes the bundle has no parts for are skipped and listed as such.
 
 For the TTS modes it also reports the real-time factor (generation wall seconds, frontend and vocoder
@@ -46,8 +47,8 @@ REFERENCE_SYSTEMS = ("espeak", "resynth")
 MODES: dict[str, dict] = {
     "plain": {"decoding": "plain", "accept": "exact"},
     "heads-exact": {"decoding": "heads", "accept": "exact"},
-    "heads-tolerance": {"decoding": "heads", "accept": "tolerance", "tau": 2, "min_ratio": 0.0},
-    "draft": {"decoding": "draft", "accept": "tolerance", "beta": 0.4, "tau": 2, "min_ratio": 0.0},
+    "heads-tolerance": {"decoding": "heads", "accept": "tolerance", "tau": 2, "min_ratio": 0.5},
+    "draft": {"decoding": "draft", "accept": "tolerance", "beta": 0.4, "tau": 2, "min_ratio": 0.5},
 }
 ALL_SYSTEMS = (*REFERENCE_SYSTEMS, *MODES)
 MAX_DURATION_RATIO = 2.0  # the target: no sentence longer than twice espeak-ng's

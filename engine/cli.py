@@ -30,7 +30,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tau", type=int, default=2,
                    help="tolerance: top-τ / τ samples (heads), the support of greedy draft")
     p.add_argument("--beta", type=float, default=0.4, help="draft + tolerance: SSD's β")
-    p.add_argument("--min-ratio", type=float, default=0.0,
+    p.add_argument("--min-ratio", type=float, default=0.5,
                    help="greedy tolerance: a top-τ token needs this share of the top token's probability")
     p.add_argument("--gamma", type=int, default=4, help="draft: tokens drafted per round")
     p.add_argument("--temperature", type=float, default=0.0)

@@ -26,8 +26,9 @@ class GenerationConfig:
     tau: int = 2  # tolerance: a candidate among the target's top-τ (or τ samples); greedy draft's support
     beta: float = 0.4  # draft + tolerance: accept if r < min(1, q/p) + β (SSD)
     # greedy tolerance: a top-τ token counts only if its probability is at least this share of the
-    # target's top token's (temperature 1); 0: any of the top-τ (VADUSA), 1: only the top (exact)
-    min_ratio: float = 0.0
+    # target's top token's (temperature 1); 0: any of the top-τ (VADUSA), 1: only the top (exact).
+    # 0.5 on the voice: heads τ=2 WER 14.58 % vs plain 14.49 % (0: 16.82 %), 3.82 tokens per forward
+    min_ratio: float = 0.5
     gamma: int = 4  # draft: tokens drafted per round
     tree: tuple[tuple[int, ...], ...] | None = None  # heads: tree shape; None = the bundle's default
     sampling: SamplingParams = field(default_factory=SamplingParams)

@@ -20,7 +20,7 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--accept", {"help": "default acceptance: exact | tolerance | lossless"}),
     ("--tau", {"type": int, "help": "tolerance: top-tau (default 2)"}),
     ("--min-ratio", {"type": float, "help": "greedy tolerance: a top-tau token needs this share of "
-                                            "the top token's probability (default 0)"}),
+                                            "the top token's probability (default 0.5)"}),
     ("--beta", {"type": float, "help": "draft + tolerance: SSD's beta (default 0.4)"}),
     ("--gamma", {"type": int, "help": "draft: tokens drafted per round (default 4)"}),
     ("--temperature", {"type": float, "help": "default sampling temperature (0: greedy)"}),

@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     tau: int = Field(2, ge=1, description="tolerance: top-tau / tau samples (heads), "
                                           "the support of greedy draft")
     beta: float = Field(0.4, ge=0, description="draft + tolerance: SSD's beta")
-    min_ratio: float = Field(0.0, ge=0, le=1, description="greedy tolerance: a top-tau token needs "
+    min_ratio: float = Field(0.5, ge=0, le=1, description="greedy tolerance: a top-tau token needs "
                                                           "this share of the top token's probability")
     gamma: int = Field(4, ge=1, le=16, description="draft: tokens drafted per round")
     temperature: float = Field(0.0, ge=0)

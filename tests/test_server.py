@@ -382,6 +382,7 @@ BAD = [  # (body, param or None); every one is a 400 in OpenAI's error shape
     ({"input": "Hi.", "accept": "maybe"}, "accept"),
     ({"input": "Hi.", "tau": 0}, "tau"),
     ({"input": "Hi.", "beta": -1}, "beta"),
+    ({"input": "Hi.", "min_ratio": 1.5}, "min_ratio"),
     ({"input": "Hi.", "temperature": -0.5}, "temperature"),
     ({"input": "Hi.", "top_k": -1}, "top_k"),
     ({"input": "Hi.", "seed": -3}, "seed"),
