@@ -6,7 +6,8 @@ Stages (each skips what is already done, training stages resume from their check
 for 2 CPU cores):
   1. corpus     ~40k English sentences (fortunes, word lists, templates, public-domain prose)  ~1 min
   2. prepare    espeak-ng audio, phoneme alignment, log-mel, k-means K=512 tokens (~42 h)      ~6 min
-  3. vocoder    causal Vocos from tokens to waveform                                           ~25 min
+  3. vocoder    causal Vocos from tokens to waveform (2 h of audio)                            ~25 min
+     vocoder-ft its fine-tune: 3000 more steps on 10 h, LR 3e-4 -> cosine (one thread: ~50 min)
   4. lm         interleaved speech LM (ELLA-V layout)                                          hours
   5. heads      draft heads on the frozen LM                                                   ~20 min
   6. draft      one-layer draft model distilled from the LM                                    ~20 min
@@ -39,6 +40,7 @@ def main() -> None:
     ap.add_argument("--data", default="data/voice")
     ap.add_argument("--out", default="models/default_voice")
     ap.add_argument("--vocoder-steps", type=int, default=1500)
+    ap.add_argument("--vocoder-ft-steps", type=int, default=3000)
     ap.add_argument("--lm-steps", type=int, default=20000)
     ap.add_argument("--heads-steps", type=int, default=1500)
     ap.add_argument("--draft-steps", type=int, default=1500)
@@ -55,6 +57,12 @@ def main() -> None:
                      "checkpoints/vocoder", "--out", "checkpoints/vocoder/export", "--threads", t,
                      "--device", dev, "--total-steps", str(args.vocoder_steps), *forever],
          Path("checkpoints/vocoder/export/vocoder.safetensors").exists()),
+        ("vocoder-ft", ["models.voice.train_vocoder", "--data", str(data), "--init-from",
+                        "checkpoints/vocoder/export", "--ckpt", "checkpoints/vocoder_ft", "--out",
+                        "checkpoints/vocoder_ft/export", "--threads", t, "--device", dev,
+                        "--max-hours-audio", "10", "--lr", "3e-4", "--warmup", "50",
+                        "--total-steps", str(args.vocoder_ft_steps), *forever],
+         Path("checkpoints/vocoder_ft/export/vocoder.safetensors").exists()),
         ("lm", ["models.voice.train_lm", "--data", str(data), "--ckpt", "checkpoints/lm",
                 "--threads", t, "--device", dev, "--total-steps", str(args.lm_steps), *forever], False),
         ("lm-export", ["models.voice.train_lm", "--data", str(data), "--ckpt", "checkpoints/lm",
@@ -71,7 +79,8 @@ def main() -> None:
         ("draft-export", ["models.voice.train_drafts", "--what", "draft", "--lm",
                           "checkpoints/lm/export", "--export", "checkpoints/drafts/draft_export"],
          False),
-        ("assemble", ["models.voice.assemble", "--data", str(data), "--out", args.out], False),
+        ("assemble", ["models.voice.assemble", "--data", str(data), "--out", args.out,
+                      "--vocoder", "checkpoints/vocoder_ft/export"], False),
     ]
     for name, cmd, done in stages:
         if done:
