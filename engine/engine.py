@@ -214,15 +214,12 @@ class Engine:
         """Move sequences down into lower free cache slots (a released sequence leaves a gap), so
         that a step's slots form one range more often and attention reads a view of the cache, not
         a gathered copy of every sequence's keys and values. Moving copies one sequence's entries once."""
-        for s in sorted(seqs, key=lambda s: s.slot):
-            free = self.cache.lowest_free()
-            if free is not None and free < s.slot:
-                s.slot = self.cache.move(s.slot, free)
+        for s, slot in zip(seqs, self.cache.pack([s.slot for s in seqs])):
+            s.slot = slot
         drafting = [s for s in seqs if s.draft_slot is not None]
-        for s in sorted(drafting, key=lambda s: s.draft_slot):
-            free = self.draft_cache.lowest_free()
-            if free is not None and free < s.draft_slot:
-                s.draft_slot = self.draft_cache.move(s.draft_slot, free)
+        if drafting:
+            for s, slot in zip(drafting, self.draft_cache.pack([s.draft_slot for s in drafting])):
+                s.draft_slot = slot
 
     def _verify(self, seqs: list[Sequence], blocks: list[list[int]], cands: list[Candidates],
                 chunked: list[bool]) -> None:

@@ -75,7 +75,7 @@ class KVCache:
             raise RuntimeError("no free KV cache slot")
         slot = min(self._free)  # the lowest free slot: active slots stay packed, so a batch's
         self._free.remove(slot)  # slots are often one range that attention reads as a view
-        # (see also `move`)
+        # (see also `pack`)
         self.lengths[slot] = 0
         return slot
 
@@ -98,8 +98,17 @@ class KVCache:
         self.release(slot)
         return to
 
-    def lowest_free(self) -> int | None:
-        return min(self._free) if self._free else None
+    def pack(self, slots: list[int]) -> list[int]:
+        """Move these slots, lowest first, into free slots below them (`move`); returns each one's
+        slot afterwards. Nothing to do, the usual case, costs one comparison."""
+        if not slots or not self._free or min(self._free) > max(slots):
+            return slots
+        out = list(slots)
+        for i in sorted(range(len(out)), key=out.__getitem__):
+            free = min(self._free, default=self.max_batch)
+            if free < out[i]:
+                out[i] = self.move(out[i], free)
+        return out
 
     # --- forward ------------------------------------------------------------------------------
     def layout(self, slots: list[int], parents: list[list[int]]) -> BlockLayout:
