@@ -6,12 +6,14 @@
 For each mode it starts `spectts serve` (its own process, --threads torch threads) on a free loopback
 port: `batched` is the continuous-batching scheduler (--max-batch slots), `single` the same server
 with --max-batch 1 (one request at a time, the others queued). Then for each N it runs N clients at
-once; each speaks held-out sentences one session at a time over /v1/audio/speech/stream. Per session:
-time to first audio (request sent -> first PCM frame), the real-time factor (session wall time / audio
-seconds) and the longest playback underrun of a player that starts at the first byte and plays
-continuously. Aggregate: audio seconds per wall second; refused sessions (503, admission control)
-and failed ones are counted apart. Prints one table, both modes side by side; writes JSON to
-bench/results/load.json.
+once; each speaks held-out sentences one session at a time over /v1/audio/speech/stream. A session
+refused at capacity (admission control, "server_busy") is retried after the server's retry_after, as
+a client honouring Retry-After would (`--no-retry`: it is dropped), so every client keeps offering
+load. Per admitted session: time to first audio (request sent -> first PCM frame), the real-time
+factor (session wall time / audio seconds) and the longest playback underrun of a player that starts
+at the first byte and plays continuously; per sentence, the wait from its first attempt to its
+admission. Aggregate: audio seconds per wall second; refusals and failed sessions are counted apart.
+Prints one table, both modes side by side; writes JSON to bench/results/load.json.
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ async def session(url: str, text: str, sample_rate: int) -> dict:
         start = time.perf_counter()
         await ws.send(json.dumps({"type": "input.text", "text": text}))
         await ws.send(json.dumps({"type": "input.done"}))
-        first, audio, arrivals, error, refused = None, 0.0, [], None, False
+        first, audio, arrivals, error, refused, retry_after = None, 0.0, [], None, False, 1.0
         while True:
             msg = await ws.recv()
             now = time.perf_counter()
@@ -74,36 +76,53 @@ async def session(url: str, text: str, sample_rate: int) -> dict:
             if event["type"] == "error":
                 refused = event["error"].get("code") == "server_busy"
                 error = None if refused else event["error"]
+                retry_after = float(event.get("retry_after", retry_after))
             if event["type"] in ("session.done", "error"):
                 break
     wall = time.perf_counter() - start
     return {"ttfa": (first - start) if first else None, "audio": audio, "wall": wall,
             "rtf": wall / audio if audio else None, "underrun": underrun(arrivals),
-            "error": error, "refused": refused}
+            "error": error, "refused": refused, "retry_after": retry_after}
 
 
-async def run_level(url: str, n: int, per_client: int, sentences: list[str], rate: int) -> dict:
+async def spoken(url: str, text: str, rate: int, retry: bool, give_up_s: float = 120.0) -> dict:
+    """One sentence: sessions until one is admitted (retrying after retry_after when `retry`);
+    `refusals` counts the refused attempts, `wait` the seconds from the first to the admitted one."""
+    start, refusals = time.perf_counter(), 0
+    while True:
+        try:
+            r = await session(url, text, rate)
+        except Exception as exc:  # noqa: BLE001 — a failed session is a measured error
+            r = {"error": repr(exc), "ttfa": None, "audio": 0.0, "rtf": None, "underrun": 0.0,
+                 "wall": 0.0, "refused": False, "retry_after": 0.0}
+        if not r["refused"] or not retry or time.perf_counter() - start > give_up_s:
+            return {**r, "refusals": refusals + r["refused"], "wait": time.perf_counter() - start
+                    - r["wall"]}
+        refusals += 1
+        await asyncio.sleep(r["retry_after"])
+
+
+async def run_level(url: str, n: int, per_client: int, sentences: list[str], rate: int,
+                    retry: bool = True) -> dict:
     async def client(i: int) -> list[dict]:
-        out = []
-        for j in range(per_client):
-            try:
-                out.append(await session(url, sentences[(i * per_client + j) % len(sentences)], rate))
-            except Exception as exc:  # noqa: BLE001 — a failed session is a measured error
-                out.append({"error": repr(exc), "ttfa": None, "audio": 0.0, "rtf": None,
-                            "underrun": 0.0, "wall": 0.0, "refused": False})
-        return out
+        return [await spoken(url, sentences[(i * per_client + j) % len(sentences)], rate, retry)
+                for j in range(per_client)]
 
     start = time.perf_counter()
     results = [r for rs in await asyncio.gather(*(client(i) for i in range(n))) for r in rs]
     wall = time.perf_counter() - start
     ok = [r for r in results if not r["error"] and not r["refused"] and r["ttfa"] is not None]
-    refused = sum(r["refused"] for r in results)
+    dropped = sum(r["refused"] for r in results)  # refused and not retried (or given up)
     q = lambda xs, p: statistics.quantiles(xs, n=100)[p - 1] if len(xs) > 1 else xs[0]  # noqa: E731
     ttfa = [r["ttfa"] for r in ok]
-    return {"clients": n, "sessions": len(results), "refused": refused,
-            "errors": len(results) - len(ok) - refused,
+    waits = [r["wait"] for r in ok]
+    return {"clients": n, "sentences": len(results), "served": len(ok), "dropped": dropped,
+            "refusals": sum(r["refusals"] for r in results),
+            "errors": len(results) - len(ok) - dropped,
             "ttfa_p50_ms": 1000 * statistics.median(ttfa) if ttfa else None,
             "ttfa_p95_ms": 1000 * q(ttfa, 95) if ttfa else None,
+            "wait_p50_ms": 1000 * statistics.median(waits) if waits else None,
+            "wait_max_ms": 1000 * max(waits) if waits else None,
             "rtf_median": statistics.median(r["rtf"] for r in ok) if ok else None,
             "max_underrun_ms": 1000 * max((r["underrun"] for r in ok), default=0.0),
             "audio_seconds_per_second": sum(r["audio"] for r in ok) / wall}
@@ -144,6 +163,8 @@ def main() -> None:
     ap.add_argument("--decoding", default="auto")
     ap.add_argument("--accept", default="exact")
     ap.add_argument("--bundle", default=None)
+    ap.add_argument("--no-retry", dest="retry", action="store_false",
+                    help="drop a refused session instead of retrying it after retry_after")
     ap.add_argument("--out", default="bench/results/load.json")
     args = ap.parse_args()
     import httpx
@@ -160,7 +181,8 @@ def main() -> None:
             rate = int(voices[0].get("sample_rate", 22050))
             url = f"ws://127.0.0.1:{port}/v1/audio/speech/stream"
             for n in levels:
-                row = asyncio.run(run_level(url, n, args.requests_per_client, sentences, rate))
+                row = asyncio.run(run_level(url, n, args.requests_per_client, sentences, rate,
+                                            args.retry))
                 rows.append({"mode": mode, **row})
                 bar.update()
         finally:
@@ -169,15 +191,18 @@ def main() -> None:
     bar.close()
     print(f"\nserver: {args.threads} torch thread(s), decoding {args.decoding}/{args.accept}; "
           f"batched = --max-batch {args.max_batch}, single = --max-batch 1; "
-          f"{args.requests_per_client} sessions per client")
-    print(f"{'mode':>8} {'N':>3} {'sessions':>8} {'refused':>7} {'err':>4} {'TTFA p50':>9} {'p95':>7} "
-          f"{'RTF med':>8} {'underrun':>9} {'audio s/s':>10}")
+          f"{args.requests_per_client} sentences per client, refused sessions "
+          f"{'retried after retry_after' if args.retry else 'dropped'}")
+    print(f"{'mode':>8} {'N':>3} {'served':>6} {'dropped':>7} {'refusals':>8} {'err':>4} "
+          f"{'TTFA p50':>9} {'p95':>7} {'wait p50':>9} {'max':>7} {'RTF med':>8} {'underrun':>9} "
+          f"{'audio s/s':>10}")
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{r['mode']:>8} {r['clients']:>3} {r['sessions']:>8} {r['refused']:>7} "
-              f"{r['errors']:>4} {fmt(r['ttfa_p50_ms'], '8.0f')}ms {fmt(r['ttfa_p95_ms'], '5.0f')}ms "
-              f"{fmt(r['rtf_median'], '8.3f')} {r['max_underrun_ms']:7.0f}ms "
-              f"{r['audio_seconds_per_second']:10.2f}")
+        print(f"{r['mode']:>8} {r['clients']:>3} {r['served']:>6} {r['dropped']:>7} "
+              f"{r['refusals']:>8} {r['errors']:>4} {fmt(r['ttfa_p50_ms'], '8.0f')}ms "
+              f"{fmt(r['ttfa_p95_ms'], '5.0f')}ms {fmt(r['wait_p50_ms'], '7.0f')}ms "
+              f"{fmt(r['wait_max_ms'], '5.0f')}ms {fmt(r['rtf_median'], '8.3f')} "
+              f"{r['max_underrun_ms']:7.0f}ms {r['audio_seconds_per_second']:10.2f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))

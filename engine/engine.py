@@ -181,8 +181,11 @@ class Engine:
     def step(self, seqs: list[Sequence], prefill_chunk: int = 0, row_budget: int = 0) -> None:
         """Advance every sequence by one target forward.
 
-        prefill_chunk > 0: a sequence with more pending tokens than that (a newcomer's prompt) only
-        writes the next chunk of them this step, so a long prompt never stalls the others for long.
+        prefill_chunk > 0: the step writes at most that many prompt tokens in all, so newcomers'
+        prompts never stall the running sequences for long, even when several arrive together:
+        prompts are served in the order of `seqs` (the caller's priority); one with more pending
+        than the budget has left writes the next part of it, one with nothing left sits this step
+        out.
         row_budget > 0: cap the candidate rows of the step (pending tokens included) by giving each
         speculating sequence at most (budget - pending) / speculators candidates: under load, small
         trees keep a batched forward cheap; alone, a sequence gets its whole tree.
@@ -197,8 +200,20 @@ class Engine:
         if not live:
             return
         seqs, pending, room = ([xs[b] for b in live] for xs in (seqs, pending, room))
-        chunked = [0 < prefill_chunk < len(p) for p in pending]
-        blocks = [p[:prefill_chunk] if ch else p for p, ch in zip(pending, chunked)]
+        if prefill_chunk > 0:  # the step's prompt-token budget, most urgent first
+            left, share = prefill_chunk, []
+            for s, p in zip(seqs, pending):
+                prefilling = self.cache.lengths[s.slot] < len(s.prompt)
+                share.append(min(len(p), left) if prefilling else len(p))
+                left -= share[-1] if prefilling else 0
+            keep = [b for b, n in enumerate(share) if n > 0]
+            if not keep:
+                return
+            seqs, pending, room, share = ([xs[b] for b in keep] for xs in (seqs, pending, room, share))
+        else:
+            share = [len(p) for p in pending]
+        chunked = [n < len(p) for n, p in zip(share, pending)]
+        blocks = [p[:n] for p, n in zip(pending, share)]
         room = [0 if ch else r for r, ch in zip(room, chunked)]
         if row_budget > 0:
             spec = {b for b, s in enumerate(seqs) if s.cfg.decoding != "plain" and room[b] > 0}

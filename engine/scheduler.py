@@ -87,8 +87,9 @@ class Policy:
 
     def refuse(self, running: list[Scheduled], oldest_wait_s: float | None, now: float,
                waiting: int = 0, capacity: int | None = None) -> str | None:
-        """Why a new request should be refused now (HTTP 503), or None to admit it. `capacity`: the
-        streams the machine keeps ahead of real time (`Capacity.streams`), None if unknown."""
+        """Why a new request should be refused now (HTTP 503), or None to admit it. `running`: the
+        open streams (those still waiting for their text count too); `capacity`: the streams the
+        machine keeps ahead of real time (`Capacity.streams`), None if unknown."""
         if oldest_wait_s is not None and oldest_wait_s > self.max_queue_wait_s:
             return f"requests have waited {oldest_wait_s:.1f} s for a decoding slot"
         if not self.adaptive:
@@ -105,8 +106,8 @@ class Policy:
 class Capacity:
     """How many streams the engine keeps ahead of real time, learned from its own steps.
 
-    Each engine iteration records (streams it ran, its wall seconds with vocoding, audio seconds it
-    produced). A step costs about a + b * n for n streams and gives each about r seconds of audio, so n
+    Each decoding step (no prompt prefill in it) records (streams it ran, its wall seconds with
+    vocoding, seconds of audio it decoded). A step costs about a + b * n for n streams and gives each about r seconds of audio, so n
     streams all play in real time with `margin` to spare while r / (a + b * n) >= margin. a and b are
     a least-squares fit over the recent window; with a single batch size in it, a = 0 (the cost is taken
     as proportional to n, which underestimates the capacity: safe).

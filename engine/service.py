@@ -145,14 +145,14 @@ class SpeechStream:
 class TTSService:
     def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
                  chunk_frames: int = 40, policy: Policy = Policy(), prefill_chunk: int = 64,
-                 row_budget: int = 64) -> None:
+                 row_budget: int = 64, capacity_margin: float = 1.5) -> None:
         """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`chunk_size`); prefill_chunk and
-        row_budget: see Engine.step."""
+        row_budget: see Engine.step; capacity_margin: see `Capacity`."""
         self.tts = tts
         self.max_active = tts.engine.cache.max_batch
         self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
         self.policy, self.prefill_chunk, self.row_budget = policy, prefill_chunk, row_budget
-        self.capacity = Capacity()
+        self.capacity = Capacity(capacity_margin)
         self._waiting: queue.Queue[SpeechStream] = queue.Queue(maxsize=queue_size)
         self._active: list[SpeechStream] = []
         self._wake = threading.Event()
@@ -185,8 +185,11 @@ class TTSService:
         now = time.perf_counter()
         with self._waiting.mutex:
             oldest = self._waiting.queue[0].created if self._waiting.queue else None
-        return self.policy.refuse([s for s in list(self._active) if s.current is not None],
-                                  None if oldest is None else now - oldest, now,
+        # every open stream counts against the capacity, also one whose text has not arrived yet
+        # (a WebSocket session between its first input.text and its first sentence): counting only
+        # those decoding let a burst of new sessions all in at once
+        opened = [s for s in list(self._active) if not s.closed]
+        return self.policy.refuse(opened, None if oldest is None else now - oldest, now,
                                   waiting=self.waiting, capacity=self.capacity.streams())
 
     def open(self, cfg: GenerationConfig, speed: float = 1.0,
@@ -243,13 +246,15 @@ class TTSService:
                 continue
             start = time.perf_counter()
             chosen = self.policy.select(running, start)
-            audio_before = sum(s.audio_seconds for s in chosen)
+            cache = self.tts.engine.cache
+            # the capacity model learns from decoding steps: a prompt's prefill is paid once per
+            # sentence, and newcomers arriving together would make a batch look far dearer
+            decoding = all(cache.lengths[s.current.seq.slot] >= len(s.current.seq.prompt)
+                           for s in chosen)
             self._step([s.current.seq for s in chosen], chosen)
-            for stream in chosen:
-                if stream.current is not None:
-                    self._collect(stream)
-            self.capacity.record(len(chosen), time.perf_counter() - start,
-                                 sum(s.audio_seconds for s in chosen) - audio_before)
+            decoded = sum(self._collect(s) for s in chosen if s.current is not None)
+            if decoding:
+                self.capacity.record(len(chosen), time.perf_counter() - start, decoded)
             self._active = [s for s in self._active if not s.closed]
             self.steps += 1
 
@@ -291,22 +296,40 @@ class TTSService:
                     log.exception("request failed inside the engine step")
                     self._close(stream, Event("error", error=exc))
 
-    def chunk_size(self, index: int) -> int:
+    def chunk_size(self, index: int, buffered_s: float | None = None) -> int:
         """Frames vocoded together in a sentence's chunk `index`: a small first chunk (time to first
-        audio), then growing by half each time up to chunk_frames, so the listener's buffer grows
-        ahead of playback while decoding is faster than real time (4 frames = 80 ms of audio is
-        played while the next 6 are decoded). It depends on nothing but the index: the same text
-        gives the same chunks, hence the same samples, however loaded the server is."""
-        return min(self.chunk_frames, int(self.first_chunk_frames * 1.5 ** index))
+        audio), then growing by half each time up to chunk_frames (fewer, larger vocoder pushes: a
+        push costs about as much for 1 frame as for 6). The first chunk also covers the vocoder's
+        lookahead, so that it carries first_chunk_frames of audio (4 frames: 80 ms), not 30 ms less.
+        buffered_s: the audio the listener still has; a chunk is then at most half of it (at least
+        first_chunk_frames), so the next chunk is decoded before the buffer runs out while the
+        stream decodes faster than half real time. The streaming vocoder gives the same samples
+        however the frames are chunked."""
+        if index == 0:
+            return self.first_chunk_frames + -(-self.tts.vocoder.cfg.overlap_samples // self._hop)
+        size = min(self.chunk_frames, int(self.first_chunk_frames * 1.5 ** index))
+        if buffered_s is not None:
+            frame_s = self._hop / self.tts.sample_rate
+            size = min(size, max(self.first_chunk_frames, int(buffered_s / 2 / frame_s)))
+        return size
 
-    def _collect(self, stream: SpeechStream) -> None:
-        """Vocode what the current sentence has accepted; finish it when its sequence has ended."""
+    @property
+    def _hop(self) -> int:
+        return self.tts.vocoder.cfg.hop
+
+    def _collect(self, stream: SpeechStream) -> float:
+        """Vocode what the current sentence has accepted; finish it when its sequence has ended.
+        Returns the seconds of audio that the step decoded for it (vocoded now or later)."""
         sent = stream.current
+        decoded = 0.0
         try:
             sent.frames = interleaved.speech_tokens(self.tts.layout, sent.seq.generated)
             new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
             sent.pending += new
-            threshold = self.chunk_size(sent.chunks)
+            decoded = len(new) * self._hop / self.tts.sample_rate
+            playback = stream.playback
+            threshold = self.chunk_size(sent.chunks, playback.slack(time.perf_counter())
+                                        if playback.started else None)
             audio = []
             if sent.pending and (len(sent.pending) >= threshold or sent.seq.finished):
                 audio.append(stream.vocoder.push(sent.pending))
@@ -328,6 +351,7 @@ class TTSService:
         except Exception as exc:  # noqa: BLE001
             log.exception("request failed while vocoding")
             self._close(stream, Event("error", error=exc))
+        return decoded
 
     def _close(self, stream: SpeechStream, event: Event) -> None:
         if stream.current is not None:

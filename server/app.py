@@ -40,9 +40,12 @@ def load_service(settings: Settings) -> TTSService:
                        max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks,
                        phoneme_coverage=settings.phoneme_coverage)
     service = TTSService(tts, queue_size=settings.queue_size,
+                         first_chunk_frames=settings.first_chunk_frames,
+                         chunk_frames=max(settings.chunk_frames, settings.first_chunk_frames),
                          policy=Policy(max_queue_wait_s=settings.max_queue_wait_s,
                                        adaptive=settings.admission_control),
-                         prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget)
+                         prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget,
+                         capacity_margin=settings.capacity_margin)
     # the warm-up: seeds admission control's model, and checks the default decoding on this bundle
     service.calibrate(CALIBRATION_TEXT, default_config(settings, tts))
     service.start()

@@ -38,6 +38,11 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--prefill-chunk", {"type": int, "help": "prompt tokens prefilled per step (default 64)"}),
     ("--row-budget", {"type": int, "help": "speculative rows per step across the batch "
                                            "(default 64; 0: no cap)"}),
+    ("--first-chunk-frames", {"type": int, "help": "speech frames (20 ms) in a sentence's first "
+                                                   "audio chunk (default 4)"}),
+    ("--chunk-frames", {"type": int, "help": "largest audio chunk in frames (default 40)"}),
+    ("--capacity-margin", {"type": float, "help": "admit streams while each is generated this "
+                                                  "much faster than real time (default 1.5)"}),
     ("--prefix-cache-blocks", {"type": int, "help": "16-token prompt blocks kept for reuse "
                                                     "(default 256; 0: off)"}),
     ("--request-timeout", {"type": float, "dest": "request_timeout_s",

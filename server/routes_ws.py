@@ -16,7 +16,8 @@ Server -> client:
     {"type": "session.done", "status": "completed" | "cancelled" | "error", "stats": {...}}
         (tokens, mean_accepted_length, time_to_first_audio_seconds, real_time_factor, ...)
     {"type": "error", "error": {"message", "type", "param", "code"}}   a refused message or a failed
-        session; the socket stays open for the next one.
+        session; the socket stays open for the next one. A session refused at capacity (code
+        "server_busy") also carries "retry_after": seconds, as HTTP's Retry-After header.
 A client that disconnects stops its generation.
 """
 
@@ -180,7 +181,10 @@ class _Socket:
             await self.ws.send_text(json.dumps(payload))
 
     async def error(self, err: errors.APIError) -> None:
-        await self.send({"type": "error", **err.body()})
+        payload = {"type": "error", **err.body()}
+        if "Retry-After" in err.headers:  # HTTP's header, as a field: when to try again (seconds)
+            payload["retry_after"] = int(err.headers["Retry-After"])
+        await self.send(payload)
 
     def abort(self) -> None:
         """The client has gone: stop the running session."""

@@ -62,6 +62,13 @@ class Settings(BaseSettings):
                                                      "so running streams are not stalled; 0: all")
     row_budget: int = Field(64, ge=0, description="speculative candidate rows per step across "
                                                   "the batch (trees shrink under load); 0: no cap")
+    first_chunk_frames: int = Field(4, ge=1, description="speech frames (20 ms each) in a "
+                                    "sentence's first audio chunk: time to first audio against "
+                                    "the buffer a player starts with; later chunks grow by half "
+                                    "up to chunk_frames")
+    chunk_frames: int = Field(40, ge=1, description="largest audio chunk, in speech frames")
+    capacity_margin: float = Field(1.5, ge=1.0, description="admission control: admit streams "
+                                   "while each would be generated this much faster than real time")
     prefix_cache_blocks: int = Field(256, ge=0, description="16-token prompt blocks kept for "
                                      "reuse by later requests with the same prefix; 0: off")
     phoneme_coverage: float | None = Field(None, gt=0, description="speech tokens allowed after "
