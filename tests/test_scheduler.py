@@ -141,6 +141,34 @@ def test_chunked_prefill_and_row_budget_keep_exact_output(engine, knobs):
     assert engine.cache.slots_in_use == 0
 
 
+def test_newcomers_arriving_together_share_one_prefill_budget(engine):
+    """Three prompts arriving in the same step write at most prefill_chunk prompt tokens per step
+    in all (the first in line first), while a running sequence keeps decoding every step."""
+    gen = torch.Generator().manual_seed(3)
+    runner = engine.add(torch.randint(0, 96, (4,), generator=gen).tolist(),
+                        GenerationConfig(max_new_tokens=40))
+    engine.step([runner], prefill_chunk=8)  # running now: its prompt is in the cache
+    prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (10, 6, 5)]
+    cfg = GenerationConfig(max_new_tokens=5)
+    newcomers = [engine.add(p, cfg) for p in prompts]
+    cached = lambda: [engine.cache.lengths[s.slot] for s in newcomers]  # noqa: E731
+    seen = []
+    for _ in range(3):
+        before, tokens = cached(), len(runner.tokens)
+        engine.step([runner, *newcomers], prefill_chunk=8)
+        seen.append(cached())
+        assert sum(seen[-1]) - sum(before) <= 8 + len(newcomers)  # + each one's first decision
+        assert len(runner.tokens) > tokens  # never stalled
+    assert seen[0] == [8, 0, 0] and seen[1][:2] == [10, 6]  # in line: 8, then 2 + 6
+    while not all(s.finished for s in newcomers):
+        engine.step([s for s in (runner, *newcomers) if not s.finished], prefill_chunk=8)
+    results = [s.result().tokens for s in newcomers]
+    for s in (runner, *newcomers):
+        engine.release(s)
+    assert engine.cache.slots_in_use == 0
+    assert results == [engine.generate(p, cfg).tokens for p in prompts]  # waiting changed nothing
+
+
 def test_a_reused_prefix_gives_the_same_tokens_and_cache(small_bundle):
     engine = Engine(small_bundle, max_batch=2, max_len=160, prefix_blocks=6, prefix_block=4)
     fresh = Engine(small_bundle, max_batch=2, max_len=160)
