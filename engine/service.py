@@ -252,7 +252,7 @@ class TTSService:
             decoding = all(cache.lengths[s.current.seq.slot] >= len(s.current.seq.prompt)
                            for s in chosen)
             self._step([s.current.seq for s in chosen], chosen)
-            decoded = sum(self._collect(s) for s in chosen if s.current is not None)
+            decoded = self._collect([s for s in chosen if s.current is not None])
             if decoding:
                 self.capacity.record(len(chosen), time.perf_counter() - start, decoded)
             self._active = [s for s in self._active if not s.closed]
@@ -317,40 +317,60 @@ class TTSService:
     def _hop(self) -> int:
         return self.tts.vocoder.cfg.hop
 
-    def _collect(self, stream: SpeechStream) -> float:
-        """Vocode what the current sentence has accepted; finish it when its sequence has ended.
-        Returns the seconds of audio that the step decoded for it (vocoded now or later)."""
-        sent = stream.current
-        decoded = 0.0
+    def _collect(self, streams: list[SpeechStream]) -> float:
+        """Vocode what each stream's current sentence has accepted, every push of the step in one
+        batched vocoder pass (`push_many`); finish sentences whose sequence has ended. Returns the
+        seconds of audio the step decoded (vocoded now or later)."""
+        from models.vocoder import push_many
+
+        decoded, pushes = 0.0, {}  # stream -> frames to vocode now
+        for stream in streams:
+            sent = stream.current
+            try:
+                sent.frames = interleaved.speech_tokens(self.tts.layout, sent.seq.generated)
+                new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
+                sent.pending += new
+                decoded += len(new) * self._hop / self.tts.sample_rate
+                playback = stream.playback
+                threshold = self.chunk_size(sent.chunks, playback.slack(time.perf_counter())
+                                            if playback.started else None)
+                if sent.pending and (len(sent.pending) >= threshold or sent.seq.finished):
+                    pushes[stream] = sent.pending
+                    sent.pending = []
+                    sent.chunks += 1
+            except Exception as exc:  # noqa: BLE001
+                log.exception("request failed while vocoding")
+                self._close(stream, Event("error", error=exc))
         try:
-            sent.frames = interleaved.speech_tokens(self.tts.layout, sent.seq.generated)
-            new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
-            sent.pending += new
-            decoded = len(new) * self._hop / self.tts.sample_rate
-            playback = stream.playback
-            threshold = self.chunk_size(sent.chunks, playback.slack(time.perf_counter())
-                                        if playback.started else None)
-            audio = []
-            if sent.pending and (len(sent.pending) >= threshold or sent.seq.finished):
-                audio.append(stream.vocoder.push(sent.pending))
-                sent.pending = []
-                sent.chunks += 1
-            if sent.seq.finished:
-                audio.append(stream.vocoder.flush())
-            chunk = np.concatenate(audio) if audio else np.zeros(0, np.float32)
-            if len(chunk):
-                seconds = len(chunk) / self.tts.sample_rate
-                stream.audio_seconds += seconds
-                stream.playback.sent(seconds, time.perf_counter())
-                stream.emit(Event("audio", sent.index, audio=np.clip(chunk, -1, 1)))
-            if sent.seq.finished:
-                merge_stats(stream.stats, sent.seq.stats)
-                stream.emit(Event("sentence_done", sent.index, stats=sent.seq.stats.to_dict()))
-                self.tts.engine.release(sent.seq)
-                stream.current = None
-        except Exception as exc:  # noqa: BLE001
-            log.exception("request failed while vocoding")
-            self._close(stream, Event("error", error=exc))
+            audio = dict(zip(pushes, push_many([s.vocoder for s in pushes], list(pushes.values()))))
+        except Exception as exc:  # noqa: BLE001 — not a request's fault (its tokens are the
+            # model's own): the streams of this pass fail, the others and the loop go on
+            log.exception("the vocoder failed")
+            for stream in pushes:
+                self._close(stream, Event("error", error=exc))
+            audio = {}
+        for stream in streams:
+            if stream.current is None:
+                continue
+            sent = stream.current
+            try:
+                parts = [audio[stream]] if stream in audio else []
+                if sent.seq.finished:
+                    parts.append(stream.vocoder.flush())
+                chunk = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+                if len(chunk):
+                    seconds = len(chunk) / self.tts.sample_rate
+                    stream.audio_seconds += seconds
+                    stream.playback.sent(seconds, time.perf_counter())
+                    stream.emit(Event("audio", sent.index, audio=np.clip(chunk, -1, 1)))
+                if sent.seq.finished:
+                    merge_stats(stream.stats, sent.seq.stats)
+                    stream.emit(Event("sentence_done", sent.index, stats=sent.seq.stats.to_dict()))
+                    self.tts.engine.release(sent.seq)
+                    stream.current = None
+            except Exception as exc:  # noqa: BLE001
+                log.exception("request failed while vocoding")
+                self._close(stream, Event("error", error=exc))
         return decoded
 
     def _close(self, stream: SpeechStream, event: Event) -> None:
@@ -365,6 +385,8 @@ class TTSService:
     def speak(self, text: str, cfg: GenerationConfig, speed: float = 1.0,
               loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
         """A whole-text request, phonemised once, here (ValueError now for unspeakable text)."""
+        if (reason := self.overloaded()) is not None:  # before phonemising: refusals stay cheap
+            raise ServiceBusy(reason)
         plans = self.tts.plan(text)
         stream = self.open(replace(cfg), speed, loop)
         stream.queued.extend(plans)  # before end_input: the engine thread then starts them in order

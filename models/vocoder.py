@@ -69,11 +69,18 @@ class CausalConv1d(nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return super().forward(F.pad(x, (self.kernel_size[0] - 1, 0)))
 
-    def step(self, x: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, ctx: torch.Tensor, lengths: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Streaming: x (B, C_in, n) new inputs, ctx (B, C_in, kernel - 1) the previous inputs (zeros at the
-        start) -> (B, C_out, n) outputs, new ctx. Same values as forward() over the whole sequence."""
+        start) -> (B, C_out, n) outputs, new ctx. Same values as forward() over the whole sequence.
+        lengths (B,): row b has only lengths[b] real new inputs (right padding after them): its new
+        ctx ends at its last real input, and its outputs past lengths[b] are padding."""
         xin = torch.cat([ctx, x], dim=-1)  # (B, C_in, kernel - 1 + n)
-        return super().forward(xin), xin[..., xin.shape[-1] - ctx.shape[-1]:]
+        k = ctx.shape[-1]
+        if lengths is None:
+            return super().forward(xin), xin[..., xin.shape[-1] - k:]
+        idx = lengths[:, None] + torch.arange(k, device=xin.device)  # (B, k): inputs before each end
+        return super().forward(xin), xin.gather(2, idx[:, None].expand(-1, xin.shape[1], -1))
 
 
 class CausalConvNeXtBlock(nn.Module):
@@ -90,9 +97,11 @@ class CausalConvNeXtBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._mix(x, self.dwconv(x))
 
-    def step(self, x: torch.Tensor, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Streaming: x (B, dim, n), ctx (B, dim, kernel - 1) -> (B, dim, n), new ctx."""
-        y, ctx = self.dwconv.step(x, ctx)
+    def step(self, x: torch.Tensor, ctx: torch.Tensor, lengths: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Streaming: x (B, dim, n), ctx (B, dim, kernel - 1) -> (B, dim, n), new ctx (lengths: see
+        `CausalConv1d.step`)."""
+        y, ctx = self.dwconv.step(x, ctx, lengths)
         return self._mix(x, y), ctx
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -145,20 +154,21 @@ class CausalVocos(nn.Module):
             x = block(x)
         return self.norm_out(x.transpose(1, 2))  # (B, T, dim)
 
-    def features_step(self, mel: torch.Tensor, state: list[torch.Tensor] | None
-                      ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def features_step(self, mel: torch.Tensor, state: list[torch.Tensor] | None,
+                      lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Streaming features(): mel (B, n, n_mels) new frames, state from the previous call (None at the
-        start) -> (feats (B, n, dim), state). state holds each causal conv's last kernel - 1 inputs."""
+        start) -> (feats (B, n, dim), state). state holds each causal conv's last kernel - 1 inputs.
+        lengths (B,): row b has lengths[b] real frames, then padding (several streams at once)."""
         if state is None:
             k, b = self.cfg.kernel - 1, mel.shape[0]
             state = [mel.new_zeros(b, self.cfg.n_mels, k)] + [mel.new_zeros(b, self.cfg.dim, k)
                                                               for _ in self.blocks]
         new_state = []
-        x, ctx = self.conv_in.step(mel.transpose(1, 2), state[0])  # (B, dim, n)
+        x, ctx = self.conv_in.step(mel.transpose(1, 2), state[0], lengths)  # (B, dim, n)
         new_state.append(ctx)
         x = self.norm_in(x.transpose(1, 2)).transpose(1, 2)  # (B, dim, n)
         for block, ctx in zip(self.blocks, state[1:]):
-            x, ctx = block.step(x, ctx)
+            x, ctx = block.step(x, ctx, lengths)
             new_state.append(ctx)
         return self.norm_out(x.transpose(1, 2)), new_state  # (B, n, dim)
 
@@ -237,11 +247,7 @@ class StreamingVocoder:
     @torch.no_grad()
     def push(self, tokens: list[int] | np.ndarray | torch.Tensor) -> np.ndarray:
         """Append tokens (any 1-D int sequence); return the newly final samples (float32, maybe empty)."""
-        toks = torch.as_tensor(np.asarray(tokens), dtype=torch.long, device=self.device).reshape(1, -1)
-        if toks.shape[1]:
-            feats, self._state = self.model.features_step(self.model.embed(toks), self._state)
-            self._feats = torch.cat([self._feats, feats], dim=1)  # (1, F + n, dim)
-        return self._render(max(0, self.num_frames * self.cfg.hop - self.lookahead_samples))
+        return push_many([self], [tokens])[0]
 
     @torch.no_grad()
     def flush(self) -> np.ndarray:
@@ -268,3 +274,32 @@ class StreamingVocoder:
             self._feats = self._feats[:, keep - self._fbase:]
             self._fbase = keep
         return out
+
+
+@torch.no_grad()
+def push_many(streams: list[StreamingVocoder], tokens: list) -> list[np.ndarray]:
+    """`stream.push(tokens)` for several streams of one model: one batched backbone pass over all
+    their new frames (right-padded to the longest; each stream keeps the conv contexts of its own
+    last frame), so the weights are read once per call, not once per stream: on CPU a push of a
+    few frames costs mostly that read. Same samples as pushing each alone, to float rounding."""
+    toks = [np.asarray(t, dtype=np.int64).reshape(-1) for t in tokens]
+    busy = [i for i, t in enumerate(toks) if len(t)]
+    if busy:
+        model, device = streams[busy[0]].model, streams[busy[0]].device
+        cfg = model.cfg
+        lengths = [len(toks[i]) for i in busy]
+        ids = np.zeros((len(busy), max(lengths)), dtype=np.int64)
+        for row, i in enumerate(busy):
+            ids[row, :lengths[row]] = toks[i]
+        zeros = [torch.zeros(1, cfg.n_mels, cfg.kernel - 1, device=device)] + \
+            [torch.zeros(1, cfg.dim, cfg.kernel - 1, device=device) for _ in model.blocks]
+        state = [torch.cat([streams[i]._state[layer] if streams[i]._state is not None else z
+                            for i in busy]) for layer, z in enumerate(zeros)]  # (B, C, k - 1) each
+        lens = torch.tensor(lengths, device=device)
+        feats, state = model.features_step(model.embed(torch.from_numpy(ids).to(device)), state,
+                                           None if len(busy) == 1 else lens)  # (B, n, dim)
+        for row, i in enumerate(busy):
+            s = streams[i]
+            s._state = [ctx[row:row + 1] for ctx in state]
+            s._feats = torch.cat([s._feats, feats[row:row + 1, :lengths[row]]], dim=1)  # (1, F + n, dim)
+    return [s._render(max(0, s.num_frames * s.cfg.hop - s.lookahead_samples)) for s in streams]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.vocoder import CausalVocos, StreamingVocoder, VocoderConfig
+from models.vocoder import CausalVocos, StreamingVocoder, VocoderConfig, push_many
 from models.voice.train_vocoder import load_corpus, main as train_main, resynthesize
 
 TINY = dict(num_tokens=16, dim=32, intermediate=64, num_blocks=2, kernel=7)
@@ -88,6 +88,37 @@ def test_streaming_equals_offline(tiny, seed):
         assert np.abs(got - ref).max() < 1e-4
         assert np.abs(ref).max() > 1e-3
         assert sv._feats.shape[1] == 0 and sv.num_frames == 0
+
+
+def test_pushing_several_streams_at_once_equals_each_alone(tiny):
+    """One batched pass for streams at different points of different utterances (one fresh, one
+    pushing nothing this time, lengths differing): the same samples as each stream alone."""
+    rng = np.random.default_rng(3)
+    utterances = [rng.integers(0, 16, n) for n in (90, 60, 120)]
+    together = [StreamingVocoder(tiny) for _ in utterances]
+    alone = [StreamingVocoder(tiny) for _ in utterances]
+    done = [0] * len(utterances)
+    got = [[] for _ in utterances]
+    want = [[] for _ in utterances]
+    start = [0, 0, 4]  # the third stream joins later (its state starts as None)
+    for step in range(40):
+        chunks = []
+        for i, u in enumerate(utterances):
+            n = 0 if step < start[i] or (i == 1 and step % 3 == 0) else int(rng.integers(1, 9))
+            chunks.append(u[done[i]:done[i] + n])
+            done[i] += len(chunks[-1])
+        for i, out in enumerate(push_many(together, chunks)):
+            got[i].append(out)
+        for i, (sv, chunk) in enumerate(zip(alone, chunks)):
+            want[i].append(sv.push(chunk))
+    for i, u in enumerate(utterances):
+        got[i].append(together[i].flush())
+        want[i].append(alone[i].flush())
+        a, b = np.concatenate(got[i]), np.concatenate(want[i])
+        assert a.shape == b.shape == (done[i] * HOP,) and np.abs(a - b).max() < 1e-5
+        with torch.no_grad():
+            ref = tiny(torch.as_tensor(u[:done[i]])[None])[0].numpy()
+        assert np.abs(a - ref).max() < 1e-4
 
 
 def test_streaming_cost_is_bounded(tiny):
