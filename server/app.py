@@ -27,11 +27,16 @@ CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog, and then it res
 
 def load_service(settings: Settings) -> TTSService:
     """Load the voice, warm it up and start the engine thread (blocking: run it in a thread)."""
+    import sys
+
     import torch
 
     from engine.engine import resolve_device
     from engine.tts import TextToSpeech
 
+    # the engine thread gives the GIL up in every torch op; with Python's default 5 ms a busy event
+    # loop (many WebSocket handshakes) can keep it that long each time
+    sys.setswitchinterval(settings.switch_interval_s)
     device = resolve_device(settings.device)
     threads = settings.torch_threads(device.type)
     if threads:

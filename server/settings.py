@@ -69,6 +69,10 @@ class Settings(BaseSettings):
     chunk_frames: int = Field(40, ge=1, description="largest audio chunk, in speech frames")
     capacity_margin: float = Field(1.5, ge=1.0, description="admission control: admit streams "
                                    "while each would be generated this much faster than real time")
+    switch_interval_s: float = Field(0.0005, gt=0, description="Python's thread switch interval "
+                                     "(sys.setswitchinterval; Python's default 0.005): the engine "
+                                     "thread releases the GIL in every torch op and must get it "
+                                     "back quickly while the event loop is busy")
     prefix_cache_blocks: int = Field(256, ge=0, description="16-token prompt blocks kept for "
                                      "reuse by later requests with the same prefix; 0: off")
     phoneme_coverage: float | None = Field(None, gt=0, description="speech tokens allowed after "
