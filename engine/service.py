@@ -4,7 +4,8 @@ A `SpeechStream` is one request (one HTTP call or one WebSocket session): text a
 pieces (`add_text`, then `end_input`), each complete sentence is decoded as soon as it exists, and audio
 comes back as events on an asyncio queue. The engine thread runs every active sentence of every stream in
 one batched step, vocodes newly accepted tokens incrementally (a small first chunk for a low time to
-first audio, larger ones after), and never blocks the event loop. A failure inside one request fails that
+first audio, larger ones after, never more than half the listener's buffer; all streams' chunks of a
+step in one batched vocoder pass), and never blocks the event loop. A failure inside one request fails that
 request only; cancelling (or a client disconnect) frees its cache slot at the next step.
 """
 
