@@ -326,19 +326,11 @@ class TTSService:
 
         decoded, pushes = 0.0, {}  # stream -> frames to vocode now
         for stream in streams:
-            sent = stream.current
             try:
-                sent.frames = interleaved.speech_tokens(self.tts.layout, sent.seq.generated)
-                new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
-                sent.pending += new
-                decoded += len(new) * self._hop / self.tts.sample_rate
-                playback = stream.playback
-                threshold = self.chunk_size(sent.chunks, playback.slack(time.perf_counter())
-                                            if playback.started else None)
-                if sent.pending and (len(sent.pending) >= threshold or sent.seq.finished):
-                    pushes[stream] = sent.pending
-                    sent.pending = []
-                    sent.chunks += 1
+                seconds, frames = self._take(stream)
+                decoded += seconds
+                if frames:
+                    pushes[stream] = frames
             except Exception as exc:  # noqa: BLE001
                 log.exception("request failed while vocoding")
                 self._close(stream, Event("error", error=exc))
@@ -351,28 +343,48 @@ class TTSService:
                 self._close(stream, Event("error", error=exc))
             audio = {}
         for stream in streams:
-            if stream.current is None:
-                continue
-            sent = stream.current
-            try:
-                parts = [audio[stream]] if stream in audio else []
-                if sent.seq.finished:
-                    parts.append(stream.vocoder.flush())
-                chunk = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-                if len(chunk):
-                    seconds = len(chunk) / self.tts.sample_rate
-                    stream.audio_seconds += seconds
-                    stream.playback.sent(seconds, time.perf_counter())
-                    stream.emit(Event("audio", sent.index, audio=np.clip(chunk, -1, 1)))
-                if sent.seq.finished:
-                    merge_stats(stream.stats, sent.seq.stats)
-                    stream.emit(Event("sentence_done", sent.index, stats=sent.seq.stats.to_dict()))
-                    self.tts.engine.release(sent.seq)
-                    stream.current = None
-            except Exception as exc:  # noqa: BLE001
-                log.exception("request failed while vocoding")
-                self._close(stream, Event("error", error=exc))
+            if stream.current is not None:
+                try:
+                    self._deliver(stream, audio.get(stream))
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("request failed while vocoding")
+                    self._close(stream, Event("error", error=exc))
         return decoded
+
+    def _take(self, stream: SpeechStream) -> tuple[float, list[int]]:
+        """The current sentence's newly decoded frames (stretched by the stream's speed) join its
+        pending ones; returns their seconds of audio and the frames to vocode now (`chunk_size`),
+        if any."""
+        sent, playback = stream.current, stream.playback
+        sent.frames = interleaved.speech_tokens(self.tts.layout, sent.seq.generated)
+        new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
+        sent.pending += new
+        threshold = self.chunk_size(sent.chunks, playback.slack(time.perf_counter())
+                                    if playback.started else None)
+        frames = []
+        if sent.pending and (len(sent.pending) >= threshold or sent.seq.finished):
+            frames, sent.pending = sent.pending, []
+            sent.chunks += 1
+        return len(new) * self._hop / self.tts.sample_rate, frames
+
+    def _deliver(self, stream: SpeechStream, audio: np.ndarray | None) -> None:
+        """Send the sentence's vocoded audio (and, when its sequence has ended, the vocoder's rest),
+        then finish the sentence if it has ended."""
+        sent = stream.current
+        parts = [] if audio is None else [audio]
+        if sent.seq.finished:
+            parts.append(stream.vocoder.flush())
+        chunk = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        if len(chunk):
+            seconds = len(chunk) / self.tts.sample_rate
+            stream.audio_seconds += seconds
+            stream.playback.sent(seconds, time.perf_counter())
+            stream.emit(Event("audio", sent.index, audio=np.clip(chunk, -1, 1)))
+        if sent.seq.finished:
+            merge_stats(stream.stats, sent.seq.stats)
+            stream.emit(Event("sentence_done", sent.index, stats=sent.seq.stats.to_dict()))
+            self.tts.engine.release(sent.seq)
+            stream.current = None
 
     def _close(self, stream: SpeechStream, event: Event) -> None:
         if stream.current is not None:
