@@ -176,6 +176,10 @@ class Engine:
         if not seq.finished:
             seq.finish("aborted")
 
+    def prefilling(self, seq: Sequence) -> bool:
+        """Its prompt is not all in the cache yet (a newcomer, or one whose prompt is chunked)."""
+        return self.cache.lengths[seq.slot] < len(seq.prompt)
+
     # --- one step -----------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self, seqs: list[Sequence], prefill_chunk: int = 0, row_budget: int = 0) -> None:
@@ -201,11 +205,12 @@ class Engine:
             return
         seqs, pending, room = ([xs[b] for b in live] for xs in (seqs, pending, room))
         if prefill_chunk > 0:  # the step's prompt-token budget, most urgent first
-            left, share = prefill_chunk, []
+            left, share = prefill_chunk, []  # share: the pending tokens each writes this step
             for s, p in zip(seqs, pending):
-                prefilling = self.cache.lengths[s.slot] < len(s.prompt)
-                share.append(min(len(p), left) if prefilling else len(p))
-                left -= share[-1] if prefilling else 0
+                n = min(len(p), left) if self.prefilling(s) else len(p)
+                if self.prefilling(s):
+                    left -= n
+                share.append(n)
             keep = [b for b, n in enumerate(share) if n > 0]
             if not keep:
                 return

@@ -247,11 +247,9 @@ class TTSService:
                 continue
             start = time.perf_counter()
             chosen = self.policy.select(running, start)
-            cache = self.tts.engine.cache
             # the capacity model learns from decoding steps: a prompt's prefill is paid once per
             # sentence, and newcomers arriving together would make a batch look far dearer
-            decoding = all(cache.lengths[s.current.seq.slot] >= len(s.current.seq.prompt)
-                           for s in chosen)
+            decoding = not any(self.tts.engine.prefilling(s.current.seq) for s in chosen)
             self._step([s.current.seq for s in chosen], chosen)
             decoded = self._collect([s for s in chosen if s.current is not None])
             if decoding:

@@ -291,13 +291,15 @@ def push_many(streams: list[StreamingVocoder], tokens: list) -> list[np.ndarray]
         ids = np.zeros((len(busy), max(lengths)), dtype=np.int64)
         for row, i in enumerate(busy):
             ids[row, :lengths[row]] = toks[i]
-        zeros = [torch.zeros(1, cfg.n_mels, cfg.kernel - 1, device=device)] + \
-            [torch.zeros(1, cfg.dim, cfg.kernel - 1, device=device) for _ in model.blocks]
-        state = [torch.cat([streams[i]._state[layer] if streams[i]._state is not None else z
-                            for i in busy]) for layer, z in enumerate(zeros)]  # (B, C, k - 1) each
-        lens = torch.tensor(lengths, device=device)
+        if any(streams[i]._state is None for i in busy):  # a stream's start: zero contexts
+            zeros = [torch.zeros(1, c, cfg.kernel - 1, device=device)
+                     for c in (cfg.n_mels, *[cfg.dim] * len(model.blocks))]
+            for i in busy:
+                streams[i]._state = streams[i]._state or zeros
+        state = [torch.cat(ctxs) for ctxs in zip(*(streams[i]._state for i in busy))]  # (B, C, k-1)
+        lens = torch.tensor(lengths, device=device) if len(busy) > 1 else None  # None: no padding
         feats, state = model.features_step(model.embed(torch.from_numpy(ids).to(device)), state,
-                                           None if len(busy) == 1 else lens)  # (B, n, dim)
+                                           lens)  # (B, n, dim)
         for row, i in enumerate(busy):
             s = streams[i]
             s._state = [ctx[row:row + 1] for ctx in state]
