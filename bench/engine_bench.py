@@ -6,12 +6,14 @@ Without --bundle a random-weight bundle shaped like the default voice is used (i
 draft model are untrained, so acceptance is near zero: speed-ups need the trained voice). With a
 bundle that has a token layout, prompts are `[BOS] phonemes [SEP]` and decoding follows the
 interleaved rule (forced phonemes). Batch 1, CPU unless --device says otherwise. Prints a table and
-writes JSON to bench/results/engine.json.
+writes JSON to bench/results/engine.json. `--compare-torch-forward` runs every mode a second time,
+side by side, with one-sequence forwards in torch instead of numpy (`Engine(numpy_decode=False)`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import tempfile
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from engine.engine import Engine, resolve_device
 from engine.kv_cache import KVCache
 from engine.rules import InterleavedRule, TokenRule
+from engine.threads import set_threads
 from engine.sampling import SamplingParams
 from engine.tree import default_accuracies, sparse_tree
 from engine.types import GenerationConfig
@@ -143,9 +146,11 @@ def main() -> None:
                     help="tolerance: share of the top token's probability a top-τ token needs")
     ap.add_argument("--gamma", type=int, default=4)
     ap.add_argument("--tree-nodes", default="", help="also sweep heads trees of these sizes, e.g. 4,8,16,32")
+    ap.add_argument("--compare-torch-forward", action="store_true",
+                    help="also run each mode with one-sequence forwards in torch (not numpy)")
     ap.add_argument("--out", default="bench/results/engine.json")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     device = resolve_device(args.device)
 
     if args.bundle:
@@ -157,7 +162,11 @@ def main() -> None:
         bundle.target.to(device)
         bundle.draft.to(device)
         bundle.heads.to(device)
-    engine = Engine(bundle, max_batch=1, max_len=4096)
+    engines = {"": Engine(copy.deepcopy(bundle) if args.compare_torch_forward else bundle,
+                          max_batch=1, max_len=4096)}
+    if args.compare_torch_forward:
+        engines[" [torch fwd]"] = Engine(bundle, max_batch=1, max_len=4096, numpy_decode=False)
+    engine = engines[""]
     prompts = make_prompts(bundle, args.prompts, args.prompt_len, seed=0)
     # stop at the end of speech when a rule decides it; otherwise a fixed length for every mode
     stop = bundle.tokens is not None
@@ -169,7 +178,8 @@ def main() -> None:
                                tau=args.tau, beta=args.beta, gamma=args.gamma, seed=0,
                                min_ratio=args.min_ratio,
                                stop_on_eos=stop, sampling=SamplingParams())
-        results[name] = run_mode(engine, prompts, cfg)
+        for suffix, e in engines.items():
+            results[name + suffix] = run_mode(e, prompts, cfg)
     for n in [int(x) for x in args.tree_nodes.split(",") if x]:
         for accept in ("exact", "tolerance"):
             acc = engine.bundle.heads_spec.accuracies if accept == "exact" else (
@@ -179,8 +189,10 @@ def main() -> None:
                                    accept=accept, tau=args.tau, tree=tree, seed=0,
                                    min_ratio=args.min_ratio,
                                    stop_on_eos=stop, sampling=SamplingParams())
-            results[f"heads {accept} {n} nodes"] = run_mode(engine, prompts, cfg)
-    cost = forward_cost(engine, [1, 2, 4, 8, 17, 33])
+            for suffix, e in engines.items():
+                results[f"heads {accept} {n} nodes{suffix}"] = run_mode(e, prompts, cfg)
+    costs = {suffix: forward_cost(e, [1, 2, 4, 8, 17, 33]) for suffix, e in engines.items()}
+    cost = costs[""]
     batched = {b: forward_cost(engine, [1], batch=b)[1] for b in (1, 4, 16, 32)}
     hf = run_transformers(bundle, prompts, args.max_new_tokens, device)
     if hf:
@@ -191,19 +203,20 @@ def main() -> None:
     print(f"\nbundle: {args.bundle or 'random weights'} ({params / 1e6:.1f}M target params), "
           f"device {device}, torch threads {torch.get_num_threads()}, batch 1, greedy, "
           f"{args.prompts} prompts, median of each")
-    print(f"{'mode':24s} {'tokens/s':>10s} {'vs plain':>9s} {'accepted len':>13s} {'fwd/token':>10s}")
+    print(f"{'mode':36s} {'tokens/s':>10s} {'vs plain':>9s} {'accepted len':>13s} {'fwd/token':>10s}")
     for name, r in results.items():
-        print(f"{name:24s} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / base:8.2f}x "
+        print(f"{name:36s} {r['tokens_per_s']:10.1f} {r['tokens_per_s'] / base:8.2f}x "
               f"{r['mean_accepted_length']:13.2f} {r['target_forwards_per_token']:10.3f}")
-    print("one target forward, batch 1, 150 cached tokens: "
-          + ", ".join(f"{n} rows {ms:.2f} ms ({ms / cost[1]:.2f}x)" for n, ms in cost.items()))
+    for suffix, c in costs.items():
+        print(f"one target forward{suffix}, batch 1, 150 cached tokens: "
+              + ", ".join(f"{n} rows {ms:.2f} ms ({ms / c[1]:.2f}x)" for n, ms in c.items()))
     print("one target forward, B sequences of one new token each (continuous batching): "
           + ", ".join(f"B={b} {ms:.2f} ms ({ms / batched[1]:.2f}x)" for b, ms in batched.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"bundle": args.bundle, "device": str(device),
                                "threads": torch.get_num_threads(), "results": results,
-                               "forward_ms_by_rows": cost, "forward_ms_by_batch": batched},
+                               "forward_ms_by_rows": costs, "forward_ms_by_batch": batched},
                               indent=2))
 
 

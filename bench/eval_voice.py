@@ -324,9 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    import torch
+    from engine.threads import set_threads
 
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     try:
         systems = parse_systems(args.systems, args.modes)
     except ValueError as e:

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--bundle", required=True, help="bundle or Hugging Face Llama directory")
     gen.add_argument("--prompt-ids", type=_ids, required=True, help="e.g. 1,2,3")
     gen.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    gen.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    gen.add_argument("--threads", type=int, default=None, help="torch and BLAS threads")
     gen.add_argument("--max-len", type=int, default=2048, help="KV cache length per sequence")
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     add_generation_flags(gen)
@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--out-dir", default="synth_out")
     syn.add_argument("--bundle", default=None, help="voice bundle (default: the shipped voice)")
     syn.add_argument("--device", default="cpu", help="cpu | cuda | auto")
-    syn.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    syn.add_argument("--threads", type=int, default=None, help="torch and BLAS threads")
     syn.add_argument("--json", action="store_true", help="print one JSON object per text")
     add_generation_flags(syn)
     syn.set_defaults(max_new_tokens=10**6)
@@ -95,12 +95,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from engine.engine import Engine
+    from engine.threads import set_threads
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     cfg = generation_config(args)
     engine = Engine.load(args.bundle, device=args.device, max_batch=1, max_len=args.max_len)
     result = engine.generate(args.prompt_ids, cfg)
@@ -121,12 +120,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import soundfile
-    import torch
-
+    from engine.threads import set_threads
     from engine.tts import DEFAULT_VOICE, TextToSpeech
 
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     if (args.text is None) == (args.text_file is None):
         raise ValueError("give either a text or --text-file")
     cfg = generation_config(args)

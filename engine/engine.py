@@ -65,13 +65,14 @@ def resolve_device(device: str) -> torch.device:
 
 class Engine:
     def __init__(self, bundle: Bundle, max_batch: int = 8, max_len: int = 2048,
-                 prefix_blocks: int = 0, prefix_block: int = 16) -> None:
-        """prefix_blocks > 0: keep that many blocks of `prefix_block` prompt tokens for reuse."""
+                 prefix_blocks: int = 0, prefix_block: int = 16, numpy_decode: bool = True) -> None:
+        """prefix_blocks > 0: keep that many blocks of `prefix_block` prompt tokens for reuse.
+        numpy_decode: on the CPU, one sequence's forwards run in numpy (`models.numpy_decoder`)."""
         self.bundle = bundle
         self.target, self.draft, self.heads = bundle.target, bundle.draft, bundle.heads
         for model in (self.target, self.draft):  # the engine never trains: fused projections
             if model is not None:
-                model.fuse_projections()
+                model.fuse_projections(numpy_decode)
         cfg = self.target.config
         self.vocab_size = cfg.vocab_size
         self.device = next(self.target.parameters()).device
@@ -101,9 +102,9 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", max_batch: int = 8,
-             max_len: int = 2048, prefix_blocks: int = 0) -> Engine:
+             max_len: int = 2048, prefix_blocks: int = 0, numpy_decode: bool = True) -> Engine:
         return cls(load_bundle(path, resolve_device(device)), max_batch=max_batch, max_len=max_len,
-                   prefix_blocks=prefix_blocks)
+                   prefix_blocks=prefix_blocks, numpy_decode=numpy_decode)
 
     # --- public calls -------------------------------------------------------------------------
     def generate(self, prompt: list[int], cfg: GenerationConfig = GenerationConfig(),

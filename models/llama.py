@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.numpy_decoder import NumpyDecoder
+
 if TYPE_CHECKING:
     from engine.kv_cache import BlockLayout, KVCache
 
@@ -237,12 +239,19 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("lm_head_t", None, persistent=False)  # inference (`fuse_projections`)
+        self.numpy_decoder: NumpyDecoder | None = None  # one-sequence forwards on the CPU
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 layout: BlockLayout | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final hidden states (B, T, hidden). With a cache, K/V of every input
         are written into it at `layout`'s positions and attention follows the layout's mask; without
-        one (training), each row is a whole sequence from position 0, causally masked."""
+        one (training), each row is a whole sequence from position 0, causally masked.
+        A single sequence's forward of a few tokens without gradients runs in numpy when
+        `fuse_projections` set that up (`models.numpy_decoder`: same numbers up to float rounding,
+        about twice as fast at one token)."""
+        if (self.numpy_decoder is not None and layout is not None and layout.rows is None
+                and input_ids.shape[1] <= self.numpy_decoder.max_rows and not torch.is_grad_enabled()):
+            return self.numpy_decoder.forward(input_ids, cache, layout)
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         if layout is None:
@@ -261,15 +270,21 @@ class LlamaForCausalLM(nn.Module):
             x = x.new_zeros(B * T, x.shape[-1]).index_copy_(0, layout.rows[0], x[0]).view(B, T, -1)
         return x
 
-    def fuse_projections(self) -> LlamaForCausalLM:
+    def fuse_projections(self, numpy_decode: bool = False) -> LlamaForCausalLM:
         """For inference: q/k/v and gate/up projections become one matmul each (fewer, larger
         kernels), and every projection keeps its weight transposed (`project`); same numbers up to
         float rounding. Copies of the weights: call it after the weights are final (loading, `.to`),
-        never while training."""
+        never while training. numpy_decode: one-sequence forwards go through `NumpyDecoder`
+        (float32 on the CPU without biases; otherwise ignored)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
         self.lm_head_t, _ = transposed(self.lm_head)
+        weight = self.lm_head.weight
+        cfg = self.config
+        self.numpy_decoder = (NumpyDecoder(self) if numpy_decode and weight.device.type == "cpu"
+                              and weight.dtype == torch.float32 and not cfg.attention_bias
+                              and not cfg.mlp_bias else None)
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -32,6 +32,7 @@ def load_service(settings: Settings) -> TTSService:
     import torch
 
     from engine.engine import resolve_device
+    from engine.threads import set_threads
     from engine.tts import TextToSpeech
 
     # the engine thread gives the GIL up in every torch op; with Python's default 5 ms a busy event
@@ -40,7 +41,7 @@ def load_service(settings: Settings) -> TTSService:
     device = resolve_device(settings.device)
     threads = settings.torch_threads(device.type)
     if threads:
-        torch.set_num_threads(threads)
+        set_threads(threads)
     tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
                        max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks,
                        phoneme_coverage=settings.phoneme_coverage)

@@ -28,13 +28,15 @@ def gqa_config():
                        rms_norm_eps=1e-5, eos_token_id=(7,))
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["separate", "fused-projections"])
+@pytest.mark.parametrize("fused", ["", "fused", "numpy"],
+                         ids=["separate", "fused-projections", "numpy-decoder"])
 def test_logits_match_transformers(tmp_path, gqa_config, fused):
     ours = LlamaForCausalLM(gqa_config)
     init_weights(ours, std=0.1, seed=3)
     ours.save_pretrained(tmp_path)
-    if fused:  # what the engine runs: q/k/v and gate/up as one matmul each
-        ours.fuse_projections()
+    if fused:  # what the engine runs: q/k/v and gate/up as one matmul each, in numpy on the CPU
+        ours.fuse_projections(numpy_decode=fused == "numpy")
+        assert (ours.numpy_decoder is not None) == (fused == "numpy")
         assert set(ours.state_dict()) == set(LlamaForCausalLM(gqa_config).state_dict())
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
     theirs.eval()
@@ -43,6 +45,54 @@ def test_logits_match_transformers(tmp_path, gqa_config, fused):
         expected = theirs(ids).logits[0]
     got = full_logits(ours, ids[0].tolist())
     assert (got - expected).abs().max().item() <= 1e-4
+
+
+def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
+    """A prompt, chains of 1-5 tokens and a tree block (tree attention) of one sequence: the numpy
+    forward gives the torch forward's hidden states and writes the same cache entries; a long block
+    and a batched forward (several sequences) still go through torch."""
+    torch_model, numpy_model = LlamaForCausalLM(gqa_config), LlamaForCausalLM(gqa_config)
+    init_weights(torch_model, std=0.1, seed=6)
+    numpy_model.load_state_dict(torch_model.state_dict())
+    torch_model.fuse_projections()
+    numpy_model.fuse_projections(numpy_decode=True)
+    cfg = torch_model.config
+    caches = [KVCache(cfg.num_hidden_layers, 3, cfg.num_key_value_heads, 64, cfg.head_dim)
+              for _ in range(2)]
+    for cache in caches:
+        cache.allocate(), cache.allocate()
+    calls = []
+    decode = numpy_model.numpy_decoder.forward
+    monkeypatch.setattr(numpy_model.numpy_decoder, "forward",
+                        lambda ids, *a: calls.append(ids.shape[1]) or decode(ids, *a))
+    gen = torch.Generator().manual_seed(3)
+    chain = lambda n: list(range(-1, n - 1))  # noqa: E731
+    blocks = [(chain(7), None), (chain(1), None), (chain(2), None), (chain(3), None),
+              ([-1, 0, 0, 1, 2, 1], [0, 1, 4]), (chain(5), None), (chain(12), None)]  # (parents, kept path)
+    with torch.no_grad():
+        for parents, keep in blocks:
+            ids = torch.randint(0, 101, (1, len(parents)), generator=gen)
+            hidden = []
+            for model, cache in zip((torch_model, numpy_model), caches):
+                hidden.append(model(ids, cache, cache.layout([1], [parents])))
+                cache.commit(1, keep if keep is not None else list(range(len(parents))))
+            assert hidden[0].shape == hidden[1].shape == (1, len(parents), cfg.hidden_size)
+            assert (hidden[0] - hidden[1]).abs().max() <= 1e-5
+        assert calls == [7, 1, 2, 3, 6, 5]  # the 12-token block went through torch
+        n = caches[0].lengths[1]
+        assert n == 7 + 1 + 2 + 3 + 3 + 5 + 12
+        for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+            assert (a[:, 1, :, :n] - b[:, 1, :, :n]).abs().max() <= 1e-5
+            assert a[:, 0].abs().max() == b[:, 0].abs().max() == 0  # the other slot untouched
+        batched = caches[1].layout([0, 1], [[-1, 0], [-1]])  # two sequences: torch's packed rows
+        assert batched.rows is not None
+        out = numpy_model(torch.tensor([[5, 6], [7, 0]]), caches[1], batched)
+        assert out.shape == (2, 2, cfg.hidden_size)
+    assert numpy_model.numpy_decoder is not None
+    with torch.enable_grad():  # training never takes the numpy path
+        ids = torch.tensor([[1, 2, 3]])
+        layout = caches[1].layout([0], [[-1, 0, 1]])
+        assert numpy_model(ids, caches[1], layout).requires_grad
 
 
 def test_bare_transformers_directory_loads_and_decodes(tmp_path):

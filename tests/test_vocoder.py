@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from models.vocoder import CausalVocos, StreamingVocoder, VocoderConfig, push_many
-from models.voice.train_vocoder import load_corpus, main as train_main, resynthesize
+from models.voice.train_vocoder import CropSampler, load_corpus, main as train_main, resynthesize
 
 TINY = dict(num_tokens=16, dim=32, intermediate=64, num_blocks=2, kernel=7)
 HOP = 441
@@ -167,6 +167,28 @@ def test_load_corpus_max_hours(tmp_path):
     part = load_corpus(tmp_path, "train", max_hours=(first + 1) / 50 / 3600)  # reaches into utterance 2
     assert len(part.utts) == 2 and len(part.audio) == 1
     assert len(part.audio[0]) == part.utts[:, 3].sum() * HOP
+
+
+def test_gta_crops_take_the_lm_tokens_where_a_shard_has_them(tmp_path):
+    """--gta-mix: that share of crops reads data/gta/<shard>.npy (the LM's tokens for the same frames)
+    instead of the true tokens; a shard without the file always gives its true tokens, and the audio
+    is the true audio either way."""
+    write_fake_shards(tmp_path)
+    (tmp_path / "gta").mkdir()
+    n0 = int(np.load(tmp_path / "shards" / "train-0000.npz")["tokens"].shape[0])
+    np.save(tmp_path / "gta" / "train-0000.npy", np.full(n0, 15, dtype=np.int16))  # the "LM" says 15
+    corpus = load_corpus(tmp_path, "train")
+    assert corpus.gta[0] is not None and corpus.gta[1] is None
+
+    def lm_share(mix: float) -> float:
+        inputs, audio = CropSampler(corpus, 50, HOP, "tokens", seed=0, gta_mix=mix).sample(400)
+        assert audio.shape == (400, 50 * HOP) and audio.abs().max() > 0.1
+        return float((inputs == 15).all(-1).float().mean())
+
+    assert lm_share(0.0) == 0.0
+    share_of_shard0 = float(corpus.utts[:5, 3].sum() - 49 * 5) / float(corpus.utts[:, 3].sum() - 49 * 10)
+    assert abs(lm_share(1.0) - share_of_shard0) < 0.1  # every crop of shard 0, none of shard 1
+    assert abs(lm_share(0.5) - share_of_shard0 / 2) < 0.1
 
 
 def test_training_smoke_and_resume(tmp_path, capsys):

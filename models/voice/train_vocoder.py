@@ -11,6 +11,9 @@ warms up, then follows a cosine over --total-steps, so chunks of --minutes add u
 CKPT/last.pt (model, optimiser, step, RNG states) is written every --save-every-minutes and at the end,
 and a run resumes from it. At the end: validation losses, and the model exported with save() to --out.
 `--input mel` trains from the shards' true log-mel instead of tokens (a ceiling for the token vocoder).
+`--gta-mix P` takes a crop's tokens, with probability P, from DATA/gta/<shard>.npy instead: the speech
+LM's teacher-forced predictions for the same frames (`models.voice.gta_tokens`), so the vocoder learns
+to render the LM's kind of tokens as the true audio (shards without that file keep the true tokens).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class TrainConfig:
     seed: int = 0
     model: dict = field(default_factory=dict)  # VocoderConfig overrides (fresh runs only)
     init_from: str = ""  # fresh runs: start from this exported vocoder dir (e.g. a bundle's)
+    gta_mix: float = 0.0  # share of crops whose tokens are the LM's teacher-forced predictions
 
 
 # ---------------------------------------------------------------- data
@@ -66,6 +70,7 @@ class Corpus:
     audio: list[np.ndarray]  # per shard, int16 (samples,)
     tokens: list[np.ndarray | None]  # per shard, int16 (frames,)
     mel: list[np.ndarray | None]  # per shard, float16 (frames, n_mels)
+    gta: list[np.ndarray | None]  # per shard, int16 (frames,): the LM's tokens (`gta_tokens`)
     utts: np.ndarray  # (N, 4) int64: shard, first audio sample, first frame, frames
 
     @property
@@ -77,7 +82,7 @@ def load_corpus(data: Path, split: str, max_hours: float | None = None, hop: int
                 sample_rate: int = 22050) -> Corpus:
     """Utterances of data/shards/{split}-*.npz in shard order, up to max_hours of audio."""
     budget = math.inf if max_hours is None else max_hours * 3600 * sample_rate
-    audio, tokens, mel, utts, total = [], [], [], [], 0
+    audio, tokens, mel, gta, utts, total = [], [], [], [], [], 0
     for path in sorted((data / "shards").glob(f"{split}-*.npz")):
         if total >= budget:
             break
@@ -94,23 +99,28 @@ def load_corpus(data: Path, split: str, max_hours: float | None = None, hop: int
         audio.append(z["audio"][:ao[n]].copy())  # copy: drop the unused tail
         tokens.append(z["tokens"][:to[n]].copy() if "tokens" in z else None)
         mel.append(z["mel"][:to[n]].copy() if "mel" in z else None)
-    return Corpus(audio, tokens, mel, np.asarray(utts, dtype=np.int64).reshape(-1, 4))
+        gta_path = data / "gta" / f"{path.stem}.npy"
+        gta.append(np.load(gta_path)[:to[n]] if gta_path.exists() else None)
+    return Corpus(audio, tokens, mel, gta, np.asarray(utts, dtype=np.int64).reshape(-1, 4))
 
 
 def model_input(corpus: Corpus, shard: int, f0: int, frames: int, kind: str) -> np.ndarray:
-    """tokens (frames,) int64 or log-mel (frames, n_mels) float32 of frames [f0, f0 + frames) of a shard."""
-    src = corpus.tokens[shard] if kind == "tokens" else corpus.mel[shard]
+    """tokens (frames,) int64 ("tokens": true, "gta": the LM's) or log-mel (frames, n_mels) float32
+    ("mel") of frames [f0, f0 + frames) of a shard."""
+    src = {"tokens": corpus.tokens, "gta": corpus.gta, "mel": corpus.mel}[kind][shard]
     if src is None:
         raise ValueError(f"the shards have no {kind!r} array")
     x = src[f0:f0 + frames]
-    return x.astype(np.int64) if kind == "tokens" else x.astype(np.float32)
+    return x.astype(np.float32) if kind == "mel" else x.astype(np.int64)
 
 
 class CropSampler:
-    """Random frame-aligned crops; utterances weighted by their number of possible crop positions."""
+    """Random frame-aligned crops; utterances weighted by their number of possible crop positions.
+    With gta_mix > 0, that share of token crops takes the LM's tokens where the shard has them."""
 
-    def __init__(self, corpus: Corpus, crop: int, hop: int, kind: str, seed: int) -> None:
-        self.corpus, self.crop, self.hop, self.kind = corpus, crop, hop, kind
+    def __init__(self, corpus: Corpus, crop: int, hop: int, kind: str, seed: int,
+                 gta_mix: float = 0.0) -> None:
+        self.corpus, self.crop, self.hop, self.kind, self.gta_mix = corpus, crop, hop, kind, gta_mix
         starts = corpus.utts[:, 3] - crop + 1  # (N,) number of crop positions
         self.index = np.nonzero(starts > 0)[0]
         if len(self.index) == 0:
@@ -125,7 +135,11 @@ class CropSampler:
         for p in picks:
             shard, a0, f0, frames = self.corpus.utts[self.index[p]]
             t0 = int(torch.randint(0, int(frames) - self.crop + 1, (1,), generator=self.gen))
-            xs.append(model_input(self.corpus, shard, f0 + t0, self.crop, self.kind))
+            kind = self.kind
+            if (self.gta_mix and self.corpus.gta[shard] is not None
+                    and float(torch.rand((), generator=self.gen)) < self.gta_mix):
+                kind = "gta"
+            xs.append(model_input(self.corpus, shard, f0 + t0, self.crop, kind))
             s0 = a0 + t0 * self.hop
             ys.append(self.corpus.audio[shard][s0:s0 + self.crop * self.hop])
         audio = torch.from_numpy(np.stack(ys).astype(np.float32) / 32768.0)  # (B, crop * hop)
@@ -259,7 +273,7 @@ def train(cfg: TrainConfig) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
 
     corpus = load_corpus(data, "train", cfg.max_hours_audio, mc.hop, mc.sample_rate)
-    sampler = CropSampler(corpus, cfg.crop_frames, mc.hop, cfg.input, cfg.seed)
+    sampler = CropSampler(corpus, cfg.crop_frames, mc.hop, cfg.input, cfg.seed, cfg.gta_mix)
     step = 0
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
@@ -268,8 +282,10 @@ def train(cfg: TrainConfig) -> dict:
         sampler.gen.set_state(ckpt["rng"]["sampler"])
         print(f"resumed {ckpt_path} at step {step}")
     print(f"vocoder {model.num_parameters() / 1e6:.2f}M params, {json.dumps(mc.to_dict())}")
-    print(f"train: {len(corpus.utts)} utterances, {corpus.hours * 60:.1f} min of audio; input {cfg.input}; "
-          f"batch {cfg.batch} x {cfg.crop_frames} frames")
+    gta_shards = sum(g is not None for g in corpus.gta) if cfg.gta_mix else 0
+    print(f"train: {len(corpus.utts)} utterances, {corpus.hours * 60:.1f} min of audio; input {cfg.input}"
+          + (f" ({cfg.gta_mix:.0%} LM tokens, {gta_shards} shards have them)" if cfg.gta_mix else "")
+          + f"; batch {cfg.batch} x {cfg.crop_frames} frames")
 
     start_step, losses = step, []
     t0 = last_save = time.monotonic()
@@ -328,6 +344,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", type=json.loads, default={}, help='VocoderConfig overrides, e.g. \'{"dim": 256}\'')
     ap.add_argument("--init-from", default=d.init_from,
                     help="a fresh run starts from this exported vocoder (e.g. models/default_voice/vocoder)")
+    ap.add_argument("--gta-mix", type=float, default=d.gta_mix,
+                    help="share of crops with the LM's teacher-forced tokens (data/gta, gta_tokens)")
     ap.add_argument("--gan", action="store_true", help="adversarial training (not implemented yet)")
     args = ap.parse_args(argv)
     cfg = TrainConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})
