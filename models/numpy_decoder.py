@@ -57,7 +57,8 @@ class NumpyDecoder:
         self.norm = model.model.norm.weight.detach().numpy()
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        return x * (1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + self.eps)) * weight
+        # x (T, D); a sum and a division by D: numpy's mean costs twice as much here
+        return x * (1.0 / np.sqrt((x * x).sum(-1, keepdims=True) / x.shape[-1] + self.eps)) * weight
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, layout: BlockLayout) -> torch.Tensor:
         """input_ids (1, T) of one sequence (`layout.rows` is None) -> final hidden states (1, T, D).
@@ -89,7 +90,9 @@ class NumpyDecoder:
             out = scores @ vc[:, :S]  # (Hkv, G T, hd)
             out = out.reshape(Hkv, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)
             x = x + matmul(out, o_t)
-            gate, up = np.split(matmul(self.rms_norm(x, w_post), gate_up_t), 2, axis=-1)  # (T, I) each
-            half_gate = 0.5 * gate  # silu(g) = g sigmoid(g) = g/2 (1 + tanh(g/2)): no overflow
-            x = x + matmul(half_gate * (1.0 + np.tanh(half_gate)) * up, down_t)
+            gate_up = matmul(self.rms_norm(x, w_post), gate_up_t)  # (T, 2 I)
+            inter = gate_up.shape[-1] // 2
+            gate, up = gate_up[:, :inter], gate_up[:, inter:]  # slices: np.split costs ~50 µs
+            # silu; exp(-g) clipped below float32's overflow (silu(g < -80) is 0 either way)
+            x = x + matmul(gate / (1.0 + np.exp(-np.maximum(gate, -80.0))) * up, down_t)
         return torch.from_numpy(self.rms_norm(x, self.norm))[None]  # (1, T, D)
