@@ -8,7 +8,8 @@ because the history is the true one), each true speech frame here gets the LM's 
 position, restricted as at inference to the phoneme's allowed tokens (the bundle's `phoneme_tokens`
 at its coverage; EOP excluded: the frame exists). A vocoder trained on (these tokens -> true audio)
 learns to render the LM's confusions as the sound that was meant. Writes DATA/gta/<shard>.npy, int16
-(frames,), aligned with the shard's `tokens`; shards already done are skipped.
+(frames,), aligned with the shard's `tokens`; shards already done are skipped (delete DATA/gta after
+retraining the LM).
 """
 
 from __future__ import annotations
