@@ -19,10 +19,7 @@ def chain(n: int) -> list[int]:
 def pad_blocks(blocks: list[list[int]], device: torch.device) -> torch.Tensor:
     """Token blocks of different lengths -> (B, T) ids, padded with 0."""
     T = max(len(b) for b in blocks)
-    ids = torch.zeros(len(blocks), T, dtype=torch.long)
-    for i, b in enumerate(blocks):
-        ids[i, :len(b)] = torch.tensor(b, dtype=torch.long)
-    return ids.to(device)
+    return torch.tensor([b + [0] * (T - len(b)) for b in blocks], dtype=torch.long, device=device)
 
 
 @torch.inference_mode()

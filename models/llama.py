@@ -288,6 +288,11 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., D) -> float32 logits (..., V); a few rows without gradients in numpy when
+        the numpy decoder is on (see `forward`)."""
+        if (self.numpy_decoder is not None and hidden.dim() == 2
+                and len(hidden) <= self.numpy_decoder.max_rows and not torch.is_grad_enabled()):
+            return self.numpy_decoder.logits(hidden)
         if self.lm_head_t is not None:
             return project(hidden, self.lm_head_t, None).float()
         return self.lm_head(hidden).float()
