@@ -52,6 +52,10 @@ MODES: dict[str, dict] = {
 }
 ALL_SYSTEMS = (*REFERENCE_SYSTEMS, *MODES)
 MAX_DURATION_RATIO = 2.0  # the target: no sentence longer than twice espeak-ng's
+# --dither: std of the white noise added to each extra copy (~ -80 dBFS, inaudible). Whisper's
+# transcript of a barely intelligible word flips on a change this small ("scissors" / "system"), so
+# float-level differences between two builds of the same tokens moved WER by a point on 100 sentences
+DITHER_STD = 1e-4
 
 
 class Transcriber(Protocol):
@@ -81,8 +85,9 @@ class SystemReport:
     rows: list[dict] = field(default_factory=list)
     is_tts: bool = False
 
-    def add(self, spoken: Spoken, hyp: str, errors: int, words: int, espeak_seconds: float,
+    def add(self, spoken: Spoken, hyp: str, errors: float, words: int, espeak_seconds: float,
             asr_seconds: float) -> None:
+        """errors: of `hyp`, or the mean over the dithered copies' transcripts too (`--dither`)."""
         row = {"hyp": hyp, "errors": errors, "words": words, "seconds": round(spoken.seconds, 4),
                "gen_seconds": round(spoken.gen_seconds, 4), "asr_seconds": round(asr_seconds, 4)}
         if self.is_tts:
@@ -207,8 +212,12 @@ def parse_systems(systems: str | None, modes: str | None) -> list[str]:
 def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcriber,
              bundle: Path | None = None, device: str = "cpu", save_wavs: Path | None = None,
              progress: bool = True, log: Callable[[str], None] = print,
-             phoneme_coverage: float | None = None, overrides: dict | None = None) -> dict:
-    """Speak, transcribe and score; returns the report (see `main` for its JSON form)."""
+             phoneme_coverage: float | None = None, overrides: dict | None = None,
+             dither: int = 0) -> dict:
+    """Speak, transcribe and score; returns the report (see `main` for its JSON form).
+    dither > 0: each audio is also transcribed that many more times with `DITHER_STD` noise added
+    (seeded by copy and sentence), and its errors are the mean over all its transcripts: an estimate
+    that float-level changes to the audio do not move by whole words."""
     from tqdm import tqdm
 
     from bench.asr import sentence_errors
@@ -266,9 +275,15 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
             spoken = make(i, text)
             start = time.perf_counter()
             hyp = judge.transcribe(spoken.audio, spoken.sample_rate)
-            asr_seconds = time.perf_counter() - start
             errors, words = sentence_errors(text, hyp)
-            reports[name].add(spoken, hyp, errors, words, references[i].seconds, asr_seconds)
+            counts = [errors]
+            for copy in range(dither):
+                noise = np.random.default_rng([copy, i]).normal(0.0, DITHER_STD, spoken.audio.shape)
+                noisy = (spoken.audio + noise).astype(np.float32)
+                counts.append(sentence_errors(text, judge.transcribe(noisy, spoken.sample_rate))[0])
+            asr_seconds = time.perf_counter() - start
+            reports[name].add(spoken, hyp, sum(counts) / len(counts), words, references[i].seconds,
+                              asr_seconds)
             if save_wavs is not None:
                 import soundfile as sf
 
@@ -320,6 +335,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=None, help="draft: SSD's β (default 0.4)")
     ap.add_argument("--min-ratio", type=float, default=None,
                     help="tolerance: a top-τ token needs this share of the top one's probability")
+    ap.add_argument("--dither", type=int, default=0,
+                    help="also transcribe N copies with inaudible noise; errors = mean of all")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -354,8 +371,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       phoneme_coverage=args.phoneme_coverage,
                       overrides={k: v for k, v in (("tau", args.tau), ("beta", args.beta),
                                                    ("min_ratio", args.min_ratio))
-                                 if v is not None})
+                                 if v is not None},
+                      dither=args.dither)
     report["phoneme_coverage"] = args.phoneme_coverage
+    report["dither"] = {"copies": args.dither, "std": DITHER_STD}
     report["judge"] = {"model": "whisper-base (CTranslate2, int8, CPU)", "model_dir": str(judge.model_dir),
                        "beam_size": args.beam_size, "language": "en", "vad_filter": False}
     report["threads"] = args.threads

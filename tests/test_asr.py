@@ -165,6 +165,38 @@ def test_evaluate_all_systems(espeak_ok, tiny_voice, tmp_path) -> None:
     assert "espeak" in format_table(report)
 
 
+class FlippingJudge:
+    """Hears every word of the exact audio it was first given, and drops the last word of any
+    other audio: a judge whose transcript flips on an inaudible change."""
+
+    def __init__(self) -> None:
+        self.first: np.ndarray | None = None
+        self.audios: list[np.ndarray] = []
+
+    def transcribe(self, audio: np.ndarray, sample_rate: int) -> str:
+        assert audio.dtype == np.float32
+        self.audios.append(audio)
+        if self.first is None:
+            self.first = audio
+        return "hello world" if np.array_equal(audio, self.first) else "hello"
+
+
+def test_dither_averages_errors_over_noisy_copies(espeak_ok, tmp_path) -> None:
+    """--dither 2: the audio and two copies with inaudible noise are transcribed; the sentence's
+    errors are the mean over the three (0, 1, 1 -> 2/3 of an error in 2 words)."""
+    judge = FlippingJudge()
+    report = evaluate(["Hello world."], ["espeak"], judge, progress=False, log=lambda _: None, dither=2)
+    assert len(judge.audios) == 3
+    clean, *noisy = judge.audios
+    for copy in noisy:
+        assert copy.shape == clean.shape and not np.array_equal(copy, clean)
+        assert np.abs(copy - clean).max() < 1e-3  # inaudible
+    assert not np.array_equal(noisy[0], noisy[1])  # each copy its own noise
+    row = report["per_sentence"][0]["systems"]["espeak"]
+    assert row["hyp"] == "hello world" and row["errors"] == pytest.approx(2 / 3)
+    assert report["systems"]["espeak"]["wer"] == pytest.approx(1 / 3)
+
+
 def test_modes_without_parts_are_skipped(espeak_ok, tiny_voice, tmp_path) -> None:
     import json
     import shutil
