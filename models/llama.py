@@ -249,8 +249,7 @@ class LlamaForCausalLM(nn.Module):
         A single sequence's forward of a few tokens without gradients runs in numpy when
         `fuse_projections` set that up (`models.numpy_decoder`: same numbers up to float rounding,
         about twice as fast at one token)."""
-        if (self.numpy_decoder is not None and layout is not None and layout.rows is None
-                and input_ids.shape[1] <= self.numpy_decoder.max_rows and not torch.is_grad_enabled()):
+        if layout is not None and layout.rows is None and self.in_numpy(input_ids.shape[1]):
             return self.numpy_decoder.forward(input_ids, cache, layout)
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
@@ -287,11 +286,15 @@ class LlamaForCausalLM(nn.Module):
                               and not cfg.mlp_bias else None)
         return self
 
+    def in_numpy(self, rows: int) -> bool:
+        """Whether `rows` tokens of one sequence go through the numpy decoder (inference only)."""
+        return (self.numpy_decoder is not None and rows <= self.numpy_decoder.max_rows
+                and not torch.is_grad_enabled())
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., D) -> float32 logits (..., V); a few rows without gradients in numpy when
         the numpy decoder is on (see `forward`)."""
-        if (self.numpy_decoder is not None and hidden.dim() == 2
-                and len(hidden) <= self.numpy_decoder.max_rows and not torch.is_grad_enabled()):
+        if hidden.dim() == 2 and self.in_numpy(len(hidden)):
             return self.numpy_decoder.logits(hidden)
         if self.lm_head_t is not None:
             return project(hidden, self.lm_head_t, None).float()
