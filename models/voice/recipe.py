@@ -12,6 +12,9 @@ for 2 CPU cores):
   5. heads      draft heads on the frozen LM                                                   ~20 min
   6. draft      one-layer draft model distilled from the LM                                    ~20 min
   7. assemble   float16 bundle in --out
+  8. gta        the LM's teacher-forced tokens for the first 6 h of training audio               ~8 min
+  9. vocoder-gta the vocoder fine-tuned on them (half the crops) and the true tokens (one thread: ~25 min)
+ 10. assemble-gta the bundle again, with that vocoder: the shipped voice
 Interrupt at any time; run the same command again to go on.
 """
 
@@ -41,10 +44,11 @@ def main() -> None:
     ap.add_argument("--out", default="models/default_voice")
     ap.add_argument("--vocoder-steps", type=int, default=1500)
     ap.add_argument("--vocoder-ft-steps", type=int, default=3000)
+    ap.add_argument("--vocoder-gta-steps", type=int, default=1500)
     ap.add_argument("--lm-steps", type=int, default=20000)
     ap.add_argument("--heads-steps", type=int, default=1500)
     ap.add_argument("--draft-steps", type=int, default=1500)
-    ap.add_argument("--until", default="assemble", help="stop after this stage")
+    ap.add_argument("--until", default="assemble-gta", help="stop after this stage")
     args = ap.parse_args()
     data, t, dev = Path(args.data), str(args.threads), args.device
     forever = ["--minutes", "100000"]
@@ -81,6 +85,16 @@ def main() -> None:
          False),
         ("assemble", ["models.voice.assemble", "--data", str(data), "--out", args.out,
                       "--vocoder", "checkpoints/vocoder_ft/export"], False),
+        ("gta", ["models.voice.gta_tokens", "--data", str(data), "--bundle", args.out,
+                 "--shards", "6", "--threads", t], False),  # skips the shards already done
+        ("vocoder-gta", ["models.voice.train_vocoder", "--data", str(data), "--init-from",
+                         "checkpoints/vocoder_ft/export", "--ckpt", "checkpoints/vocoder_gta", "--out",
+                         "checkpoints/vocoder_gta/export", "--threads", t, "--device", dev,
+                         "--max-hours-audio", "6.4", "--lr", "2e-4", "--warmup", "50",
+                         "--total-steps", str(args.vocoder_gta_steps), "--gta-mix", "0.5", *forever],
+         Path("checkpoints/vocoder_gta/export/vocoder.safetensors").exists()),
+        ("assemble-gta", ["models.voice.assemble", "--data", str(data), "--out", args.out,
+                          "--vocoder", "checkpoints/vocoder_gta/export"], False),
     ]
     for name, cmd, done in stages:
         if done:
