@@ -208,8 +208,9 @@ class Engine:
         if prefill_chunk > 0:  # the step's prompt-token budget, most urgent first
             left, share = prefill_chunk, []  # share: the pending tokens each writes this step
             for s, p in zip(seqs, pending):
-                n = min(len(p), left) if self.prefilling(s) else len(p)
+                n = len(p)
                 if self.prefilling(s):
+                    n = min(n, left)
                     left -= n
                 share.append(n)
             keep = [b for b, n in enumerate(share) if n > 0]

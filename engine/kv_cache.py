@@ -129,14 +129,14 @@ class KVCache:
         places = [s - first for s in slots] if gaps else list(range(B))
         # built in numpy (many small slices), handed to torch once
         positions = np.zeros((B, T), dtype=np.int64)
-        masked = not B == T == 1  # one token of one sequence sees its whole prefix: no mask
-        mask = np.zeros((end - first if gaps else B, 1, T, span if masked else 0), dtype=bool)
-        if masked:  # padding and idle rows attend to one entry: softmax stays finite
-            mask[:, 0, :, 0] = True
+        mask = None  # one token of one sequence sees its whole prefix: no mask
+        if not B == T == 1:
+            mask = np.zeros((end - first if gaps else B, 1, T, span), dtype=bool)
+            mask[:, 0, :, 0] = True  # padding and idle rows attend to one entry: softmax stays finite
         for b, (s, start, par) in enumerate(zip(slots, starts, parents)):
             n, i = len(par), places[b]
             positions[b, :n] = start + np.asarray(depths(par))
-            if masked:
+            if mask is not None:
                 mask[i, 0, :n] = False
                 mask[i, 0, :n, :start] = True
                 mask[i, 0, :n, start:start + n] = ancestor_mask(par)
@@ -157,7 +157,7 @@ class KVCache:
                            positions=torch.from_numpy(positions).to(dev),
                            writes=[(s, start, len(par)) for s, start, par in zip(slots, starts, parents)],
                            rows=rows,
-                           attn_mask=torch.from_numpy(mask).to(dev) if masked else None,
+                           attn_mask=None if mask is None else torch.from_numpy(mask).to(dev),
                            span=span)
 
     def update(self, layer: int, layout: BlockLayout, k: torch.Tensor,

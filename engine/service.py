@@ -53,6 +53,7 @@ class _Sentence:
     seq: Sequence
     index: int
     frames: list[int] = field(default_factory=list)  # speech tokens so far
+    scanned: int = 0  # tokens of seq.tokens already read into `frames` (the prompt at the start)
     emitted: int = 0  # stretched frames already sent to the vocoder
     pending: list[int] = field(default_factory=list)  # stretched frames not yet vocoded
     chunks: int = 0  # vocoder pushes so far
@@ -151,7 +152,9 @@ class TTSService:
         row_budget: see Engine.step; capacity_margin: see `Capacity`."""
         self.tts = tts
         self.max_active = tts.engine.cache.max_batch
-        self.first_chunk_frames, self.chunk_frames = first_chunk_frames, chunk_frames
+        # chunks never shrink below the first one's size (`chunk_size`)
+        self.first_chunk_frames = first_chunk_frames
+        self.chunk_frames = max(chunk_frames, first_chunk_frames)
         self.policy, self.prefill_chunk, self.row_budget = policy, prefill_chunk, row_budget
         self.capacity = Capacity(capacity_margin)
         self._waiting: queue.Queue[SpeechStream] = queue.Queue(maxsize=queue_size)
@@ -272,7 +275,8 @@ class TTSService:
                 plan = stream.queued.pop(0)
                 cfg = self.tts.generation_config(plan, stream.cfg)
                 seq = self.tts.engine.add(plan.prompt, cfg, self.tts.rule(plan))
-                stream.current = _Sentence(plan, seq, stream.sentences_started)
+                stream.current = _Sentence(plan, seq, stream.sentences_started,
+                                           scanned=len(seq.prompt))
                 stream.sentences_started += 1
                 stream.emit(Event("sentence_start", stream.current.index, text=plan.text))
             elif final:
@@ -292,8 +296,7 @@ class TTSService:
                     if not seq.finished:
                         engine.step([seq], prefill_chunk=chunk, row_budget=budget)
                 except Exception as exc:  # noqa: BLE001
-                    log.exception("request failed inside the engine step")
-                    self._close(stream, Event("error", error=exc))
+                    self._fail(stream, exc, "request failed inside the engine step")
 
     def chunk_size(self, index: int, buffered_s: float | None = None) -> int:
         """Frames vocoded together in a sentence's chunk `index`: a small first chunk (time to first
@@ -330,23 +333,20 @@ class TTSService:
                 if frames:
                     pushes[stream] = frames
             except Exception as exc:  # noqa: BLE001
-                log.exception("request failed while vocoding")
-                self._close(stream, Event("error", error=exc))
+                self._fail(stream, exc, "request failed while vocoding")
         try:
             audio = dict(zip(pushes, push_many([s.vocoder for s in pushes], list(pushes.values()))))
         except Exception as exc:  # noqa: BLE001 — not a request's fault (its tokens are the
             # model's own): the streams of this pass fail, the others and the loop go on
-            log.exception("the vocoder failed")
             for stream in pushes:
-                self._close(stream, Event("error", error=exc))
+                self._fail(stream, exc, "the vocoder failed")
             audio = {}
         for stream in streams:
             if stream.current is not None:
                 try:
                     self._deliver(stream, audio.get(stream))
                 except Exception as exc:  # noqa: BLE001
-                    log.exception("request failed while vocoding")
-                    self._close(stream, Event("error", error=exc))
+                    self._fail(stream, exc, "request failed while vocoding")
         return decoded
 
     def _take(self, stream: SpeechStream) -> tuple[float, list[int]]:
@@ -354,7 +354,9 @@ class TTSService:
         pending ones; returns their seconds of audio and the frames to vocode now (`chunk_size`),
         if any."""
         sent, playback = stream.current, stream.playback
-        sent.frames = interleaved.speech_tokens(self.tts.layout, sent.seq.generated)
+        tokens = sent.seq.tokens  # prompt + generated, only ever appended to: read the new ones
+        sent.frames += interleaved.speech_tokens(self.tts.layout, tokens[sent.scanned:])
+        sent.scanned = len(tokens)
         new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
         sent.pending += new
         threshold = self.chunk_size(sent.chunks, playback.slack(time.perf_counter())
@@ -383,6 +385,11 @@ class TTSService:
             stream.emit(Event("sentence_done", sent.index, stats=sent.seq.stats.to_dict()))
             self.tts.engine.release(sent.seq)
             stream.current = None
+
+    def _fail(self, stream: SpeechStream, exc: Exception, what: str) -> None:
+        """Log the failure and end this stream with an error event; the others go on."""
+        log.exception(what)
+        self._close(stream, Event("error", error=exc))
 
     def _close(self, stream: SpeechStream, event: Event) -> None:
         if stream.current is not None:

@@ -279,11 +279,8 @@ class LlamaForCausalLM(nn.Module):
             layer.self_attn.fuse()
             layer.mlp.fuse()
         self.lm_head_t, _ = transposed(self.lm_head)
-        weight = self.lm_head.weight
-        cfg = self.config
-        self.numpy_decoder = (NumpyDecoder(self) if numpy_decode and weight.device.type == "cpu"
-                              and weight.dtype == torch.float32 and not cfg.attention_bias
-                              and not cfg.mlp_bias else None)
+        use = numpy_decode and NumpyDecoder.supports(self)
+        self.numpy_decoder = NumpyDecoder(self) if use else None
         return self
 
     def in_numpy(self, rows: int) -> bool:

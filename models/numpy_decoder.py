@@ -38,7 +38,16 @@ class NumpyDecoder:
     # blocks of more rows go through torch, whose matmul wins there (a prompt, a large tree)
     max_rows = 8
 
+    @staticmethod
+    def supports(model: LlamaForCausalLM) -> bool:
+        """Float32 weights on the CPU, no projection biases: what this forward implements."""
+        weight, cfg = model.lm_head.weight, model.config
+        return (weight.device.type == "cpu" and weight.dtype == torch.float32
+                and not cfg.attention_bias and not cfg.mlp_bias)
+
     def __init__(self, model: LlamaForCausalLM) -> None:
+        if not self.supports(model):
+            raise ValueError("NumpyDecoder runs float32, bias-free models on the CPU only")
         cfg = model.config
         self.H, self.Hkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps, self.scale = cfg.rms_norm_eps, cfg.head_dim ** -0.5
@@ -47,8 +56,6 @@ class NumpyDecoder:
         self.layers = []
         for layer in model.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            if attn.qkv_bias is not None or attn.o_bias is not None or mlp.gate_up_bias is not None:
-                raise ValueError("NumpyDecoder implements bias-free projections only")
             self.layers.append((layer.input_layernorm.weight.detach().numpy(),  # (D,)
                                 attn.qkv_t.numpy(),  # (D, (H + 2 Hkv) hd)
                                 attn.o_t.numpy(),  # (H hd, D)

@@ -47,7 +47,7 @@ def load_service(settings: Settings) -> TTSService:
                        phoneme_coverage=settings.phoneme_coverage)
     service = TTSService(tts, queue_size=settings.queue_size,
                          first_chunk_frames=settings.first_chunk_frames,
-                         chunk_frames=max(settings.chunk_frames, settings.first_chunk_frames),
+                         chunk_frames=settings.chunk_frames,
                          policy=Policy(max_queue_wait_s=settings.max_queue_wait_s,
                                        adaptive=settings.admission_control),
                          prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget,
