@@ -47,7 +47,10 @@ ENV PATH=/app/.venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SPECTTS_HOST=0.0.0.0 \
     SPECTTS_PORT=8000 \
-    SPECTTS_BUNDLE=/app/models/default_voice
+    SPECTTS_BUNDLE=/app/models/default_voice \
+    NUMBA_CACHE_DIR=/tmp/numba-cache
+# the compiled decoder (numba, models/kernels.py) compiles at the server's warm-up, before /ready
+# (~10 s on 2 cores), into NUMBA_CACHE_DIR: the installed package's directory is not writable here
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8000

@@ -68,7 +68,7 @@ def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     chain = lambda n: list(range(-1, n - 1))  # noqa: E731
     blocks = [(chain(7), None), (chain(1), None), (chain(2), None), (chain(3), None),
-              ([-1, 0, 0, 1, 2, 1], [0, 1, 4]), (chain(5), None), (chain(12), None)]  # (parents, kept path)
+              ([-1, 0, 0, 1, 2, 1], [0, 1, 4]), (chain(5), None), (chain(30), None)]  # (parents, kept path)
     with torch.no_grad():
         for parents, keep in blocks:
             ids = torch.randint(0, 101, (1, len(parents)), generator=gen)
@@ -78,9 +78,9 @@ def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
                 cache.commit(1, keep if keep is not None else list(range(len(parents))))
             assert hidden[0].shape == hidden[1].shape == (1, len(parents), cfg.hidden_size)
             assert (hidden[0] - hidden[1]).abs().max() <= 1e-5
-        assert calls == [7, 1, 2, 3, 6, 5]  # the 12-token block went through torch
+        assert calls == [7, 1, 2, 3, 6, 5]  # the 30-token block went through torch
         n = caches[0].lengths[1]
-        assert n == 7 + 1 + 2 + 3 + 3 + 5 + 12
+        assert n == 7 + 1 + 2 + 3 + 3 + 5 + 30
         for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
             assert (a[:, 1, :, :n] - b[:, 1, :, :n]).abs().max() <= 1e-5
             assert a[:, 0].abs().max() == b[:, 0].abs().max() == 0  # the other slot untouched
