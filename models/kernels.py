@@ -186,38 +186,51 @@ def rotary_(qkv, cos, sin, n_rot, hd):
 
 
 @jit
-def decoder_layers(x, cos, sin, visible, keys, values, slot, start, span,
+def decoder_layers(x, cos, sin, visible, keys, values, seq_rows, slots, starts,
                    w_in, w_qkv, w_o, w_post, w_gate_up, w_down, w_norm, eps, n_heads, n_kv):
-    """x (T, D) embeddings of one sequence's block -> final normed hidden states (T, D).
+    """x (R, D) embeddings of the new tokens of B sequences, packed, sequence after sequence
+    -> final normed hidden states (R, D).
 
-    cos, sin (T, hd): rotary rows of the block's positions. visible (T, span) uint8, True where a
-    token may attend, or (1, 0) when it may attend to every position < span (one token).
-    keys, values (L, slots, Hkv, max_len, hd): the persistent cache; the block's K/V are written at
-    [:, slot, :, start:start + T]. Weights stacked over layers, (out, in): w_in, w_post (L, D),
-    w_qkv (L, (H + 2 Hkv) hd, D), w_o (L, D, H hd), w_gate_up (L, 2 I, D), w_down (L, D, I)."""
-    T, D = x.shape
+    seq_rows (B + 1,): sequence b's rows are [seq_rows[b], seq_rows[b + 1]); it lives in cache slot
+    slots[b], its block is written at starts[b] onward, and it attends to its first
+    starts[b] + (its rows) entries. cos, sin (R, hd): rotary rows of each token's position.
+    visible (R, S) uint8: True where a row may attend (S >= every sequence's span), or (1, 0) when
+    each row sees all of its own sequence's entries (one token per sequence).
+    keys, values (L, slots, Hkv, max_len, hd): the persistent cache. Weights stacked over layers,
+    (out, in): w_in, w_post (L, D), w_qkv (L, (H + 2 Hkv) hd, D), w_o (L, D, H hd),
+    w_gate_up (L, 2 I, D), w_down (L, D, I). The matrix products take all R rows at once (each weight
+    row read once); attention goes sequence by sequence."""
+    R, D = x.shape
+    B = len(slots)
     L = w_qkv.shape[0]
     hd = keys.shape[4]
     inter = w_down.shape[2]
     masked = visible.shape[1] > 0
-    h = np.empty((T, D), np.float32)
-    qkv = np.empty((T, w_qkv.shape[1]), np.float32)
-    attn = np.empty((T, n_heads * hd), np.float32)
-    proj = np.empty((T, D), np.float32)
-    gate_up = np.empty((T, 2 * inter), np.float32)
-    act = np.empty((T, inter), np.float32)
-    bits = np.empty(max(span, inter), np.int32)
+    span_max = 0
+    for b in range(B):
+        span_max = max(span_max, starts[b] + seq_rows[b + 1] - seq_rows[b])
+    h = np.empty((R, D), np.float32)
+    qkv = np.empty((R, w_qkv.shape[1]), np.float32)
+    attn = np.empty((R, n_heads * hd), np.float32)
+    proj = np.empty((R, D), np.float32)
+    gate_up = np.empty((R, 2 * inter), np.float32)
+    act = np.empty((R, inter), np.float32)
+    bits = np.empty(max(span_max, inter), np.int32)
     for i in range(L):
         rms_norm_into(x, w_in[i], eps, h)
         matmul_into(h, w_qkv[i], qkv)
         rotary_(qkv, cos, sin, n_heads + n_kv, hd)
-        for t in range(T):
-            for kh in range(n_kv):
-                for d in range(hd):
-                    keys[i, slot, kh, start + t, d] = qkv[t, (n_heads + kh) * hd + d]
-                    values[i, slot, kh, start + t, d] = qkv[t, (n_heads + n_kv + kh) * hd + d]
-        attention_into(qkv, keys[i, slot], values[i, slot], visible, masked, n_heads, n_kv, span,
-                       bits[:span], attn)
+        for b in range(B):
+            r0, r1, slot, start = seq_rows[b], seq_rows[b + 1], slots[b], starts[b]
+            for r in range(r0, r1):
+                for kh in range(n_kv):
+                    for d in range(hd):
+                        keys[i, slot, kh, start + r - r0, d] = qkv[r, (n_heads + kh) * hd + d]
+                        values[i, slot, kh, start + r - r0, d] = qkv[r, (n_heads + n_kv + kh) * hd + d]
+            span = start + r1 - r0
+            attention_into(qkv[r0:r1], keys[i, slot], values[i, slot],
+                           visible[r0:r1] if masked else visible, masked, n_heads, n_kv, span,
+                           bits[:span], attn[r0:r1])
         matmul_into(attn, w_o[i], proj)
         x += proj
         rms_norm_into(x, w_post[i], eps, h)
@@ -225,6 +238,6 @@ def decoder_layers(x, cos, sin, visible, keys, values, slot, start, span,
         silu_mul_into(gate_up, bits[:inter], act)
         matmul_into(act, w_down[i], proj)
         x += proj
-    out = np.empty((T, D), np.float32)
+    out = np.empty((R, D), np.float32)
     rms_norm_into(x, w_norm, eps, out)
     return out

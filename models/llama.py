@@ -249,7 +249,8 @@ class LlamaForCausalLM(nn.Module):
         A single sequence's forward of a few tokens without gradients runs compiled when
         `fuse_projections` set that up (`models.numpy_decoder`: same numbers up to float rounding,
         3.5x as fast at one token)."""
-        if layout is not None and layout.rows is None and self.in_numpy(input_ids.shape[1]):
+        if layout is not None and self.in_numpy(input_ids.shape[1] if layout.rows is None
+                                                else len(layout.rows[0])):
             return self.numpy_decoder.forward(input_ids, cache, layout)
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)

@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 
 
 class NumpyDecoder:
-    # blocks of more rows go through torch, whose matmul wins there (a prompt, a tree of 32 nodes).
-    # Shipped voice, 150 / 600 cached tokens: 17 rows 6.4 / 7.8 ms here vs 10.3 / 9.2 ms in torch,
-    # 33 rows 13.1 / 14.0 vs 12.0 / 14.8 ms
-    max_rows = 24
+    # forwards of more rows (all sequences together) go through torch: a long prompt, a tree of 32
+    # nodes. Shipped voice, 150 / 400 cached tokens, one token each of B sequences: B = 1 1.5 / 1.8 ms
+    # here vs 5.3 / 6.3 ms torch, B = 16 6.5 / 7.1 vs 12.8 / 18.6, B = 32 14.8 / 19.8 vs 20.6 / 35.3;
+    # one sequence of 33 rows 13.1 / 14.0 vs 12.0 / 14.8 at 150 / 600 cached tokens
+    max_rows = 32
 
     @staticmethod
     def supports(model: LlamaForCausalLM) -> bool:
@@ -71,20 +72,36 @@ class NumpyDecoder:
         return torch.from_numpy(out)
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache, layout: BlockLayout) -> torch.Tensor:
-        """input_ids (1, T) of one sequence (`layout.rows` is None) -> final hidden states (1, T, D).
-        K/V of every input go into the cache at the layout's place; attention follows its mask."""
-        slot, start, T = layout.writes[0]
+        """input_ids (B, T) -> final hidden states (B, T, D), padding rows zero. K/V of every real
+        token go into the cache at the layout's place; attention follows its mask."""
+        B, T = input_ids.shape
         S = layout.span
         if self.rotary.table.shape[0] < S:
             self.rotary(layout.positions, S)  # grows the table
-        rows = self.rotary.table.numpy()[layout.positions[0].numpy()]  # (T, 2, hd)
-        if layout.attn_mask is None:  # every position < S
+        ids, positions = input_ids.numpy().reshape(-1), layout.positions.numpy().reshape(-1)
+        real = None if layout.rows is None else layout.rows[0].numpy()  # (R,) row b T + t
+        if real is not None:
+            ids, positions = ids[real], positions[real]
+        if T == 1:  # each sequence's one token sees all its entries
             visible = np.ones((1, 0), np.uint8)
         else:
-            visible = layout.attn_mask[0, 0].numpy().view(np.uint8)  # (T, S)
+            mask = layout.attn_mask[:, 0].numpy().view(np.uint8)  # (B or slot range, T, S)
+            if layout.members is not None:
+                mask = mask[layout.members.numpy()]
+            visible = mask.reshape(-1, S)
+            if real is not None:
+                visible = visible[real]
+        rows = self.rotary.table.numpy()[positions]  # (R, 2, hd)
+        lengths = [n for _, _, n in layout.writes]
         hidden = kernels.decoder_layers(
-            self.embed[input_ids[0].numpy()], np.ascontiguousarray(rows[:, 0]),
-            np.ascontiguousarray(rows[:, 1]), visible, cache.k.numpy(), cache.v.numpy(),
-            slot, start, S, self.w_in, self.w_qkv, self.w_o, self.w_post, self.w_gate_up,
-            self.w_down, self.w_norm, self.eps, self.H, self.Hkv)
-        return torch.from_numpy(hidden)[None]  # (1, T, D)
+            self.embed[ids], np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1]),
+            np.ascontiguousarray(visible), cache.k.numpy(), cache.v.numpy(),
+            np.cumsum([0, *lengths]), np.array([slot for slot, _, _ in layout.writes]),
+            np.array([start for _, start, _ in layout.writes]),
+            self.w_in, self.w_qkv, self.w_o, self.w_post, self.w_gate_up, self.w_down,
+            self.w_norm, self.eps, self.H, self.Hkv)  # (R, D)
+        if real is None:
+            return torch.from_numpy(hidden)[None]  # (1, T, D)
+        out = np.zeros((B * T, hidden.shape[1]), np.float32)
+        out[real] = hidden
+        return torch.from_numpy(out).view(B, T, -1)

@@ -50,7 +50,7 @@ def test_logits_match_transformers(tmp_path, gqa_config, fused):
 def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
     """A prompt, chains of 1-5 tokens and a tree block (tree attention) of one sequence: the numpy
     forward gives the torch forward's hidden states and writes the same cache entries; a long block
-    and a batched forward (several sequences) still go through torch."""
+    still goes through torch."""
     torch_model, numpy_model = LlamaForCausalLM(gqa_config), LlamaForCausalLM(gqa_config)
     init_weights(torch_model, std=0.1, seed=6)
     numpy_model.load_state_dict(torch_model.state_dict())
@@ -68,7 +68,7 @@ def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     chain = lambda n: list(range(-1, n - 1))  # noqa: E731
     blocks = [(chain(7), None), (chain(1), None), (chain(2), None), (chain(3), None),
-              ([-1, 0, 0, 1, 2, 1], [0, 1, 4]), (chain(5), None), (chain(30), None)]  # (parents, kept path)
+              ([-1, 0, 0, 1, 2, 1], [0, 1, 4]), (chain(5), None), (chain(33), None)]  # (parents, kept path)
     with torch.no_grad():
         for parents, keep in blocks:
             ids = torch.randint(0, 101, (1, len(parents)), generator=gen)
@@ -78,21 +78,63 @@ def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
                 cache.commit(1, keep if keep is not None else list(range(len(parents))))
             assert hidden[0].shape == hidden[1].shape == (1, len(parents), cfg.hidden_size)
             assert (hidden[0] - hidden[1]).abs().max() <= 1e-5
-        assert calls == [7, 1, 2, 3, 6, 5]  # the 30-token block went through torch
+        assert calls == [7, 1, 2, 3, 6, 5]  # the 33-token block went through torch
         n = caches[0].lengths[1]
-        assert n == 7 + 1 + 2 + 3 + 3 + 5 + 30
+        assert n == 7 + 1 + 2 + 3 + 3 + 5 + 33
         for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
             assert (a[:, 1, :, :n] - b[:, 1, :, :n]).abs().max() <= 1e-5
             assert a[:, 0].abs().max() == b[:, 0].abs().max() == 0  # the other slot untouched
-        batched = caches[1].layout([0, 1], [[-1, 0], [-1]])  # two sequences: torch's packed rows
-        assert batched.rows is not None
-        out = numpy_model(torch.tensor([[5, 6], [7, 0]]), caches[1], batched)
-        assert out.shape == (2, 2, cfg.hidden_size)
     assert numpy_model.numpy_decoder is not None
     with torch.enable_grad():  # training never takes the numpy path
         ids = torch.tensor([[1, 2, 3]])
         layout = caches[1].layout([0], [[-1, 0, 1]])
         assert numpy_model(ids, caches[1], layout).requires_grad
+
+
+def test_compiled_decoder_batches_sequences_like_the_torch_forward(gqa_config, monkeypatch):
+    """Continuous batching: several sequences in one forward, each at its own length, blocks of
+    different sizes (padded), a tree among them, slots with a gap: the compiled forward gives the
+    torch forward's hidden states (padding rows zero) and cache entries, slot by slot."""
+    torch_model, compiled = LlamaForCausalLM(gqa_config), LlamaForCausalLM(gqa_config)
+    init_weights(torch_model, std=0.1, seed=8)
+    compiled.load_state_dict(torch_model.state_dict())
+    torch_model.fuse_projections()
+    compiled.fuse_projections(numpy_decode=True)
+    cfg = torch_model.config
+    caches = [KVCache(cfg.num_hidden_layers, 5, cfg.num_key_value_heads, 64, cfg.head_dim)
+              for _ in range(2)]
+    calls = []
+    decode = compiled.numpy_decoder.forward
+    monkeypatch.setattr(compiled.numpy_decoder, "forward",
+                        lambda ids, *a: calls.append(ids.shape) or decode(ids, *a))
+    gen = torch.Generator().manual_seed(4)
+    chain = lambda n: list(range(-1, n - 1))  # noqa: E731
+    steps = [  # (slots, each slot's block)
+        ([0, 1, 2, 3, 4], [chain(9), chain(3), chain(5), chain(1), chain(4)]),  # prefill, ragged
+        ([0, 2, 3], [chain(1), [-1, 0, 0, 1], chain(2)]),  # slot 1 idle (a gap), a tree in slot 2
+        ([0, 1, 2, 3, 4], [chain(1)] * 5),  # plain decoding: one token each
+        ([4, 1], [chain(1), chain(1)]),
+    ]
+    with torch.no_grad():
+        for slots, blocks in steps:
+            ids = torch.randint(0, 101, (len(slots), max(map(len, blocks))), generator=gen)
+            hidden = []
+            for model, cache in zip((torch_model, compiled), caches):
+                layout = cache.layout(slots, blocks)
+                assert layout.rows is not None
+                hidden.append(model(ids, cache, layout))
+                for slot, block in zip(slots, blocks):
+                    cache.commit(slot, list(range(len(block))))
+            for b, block in enumerate(blocks):
+                n = len(block)
+                assert (hidden[0][b, :n] - hidden[1][b, :n]).abs().max() <= 1e-5
+                assert not hidden[1][b, n:].any()  # padding rows zero
+        assert len(calls) == len(steps)
+        for slot in range(5):
+            n = caches[0].lengths[slot]
+            assert n == caches[1].lengths[slot] > 0
+            for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
+                assert (a[:, slot, :, :n] - b[:, slot, :, :n]).abs().max() <= 1e-5
 
 
 def test_bare_transformers_directory_loads_and_decodes(tmp_path):
