@@ -47,24 +47,31 @@ def test_logits_match_transformers(tmp_path, gqa_config, fused):
     assert (got - expected).abs().max().item() <= 1e-4
 
 
+def twins(config, seed: int, slots: int, monkeypatch):
+    """The same weights twice, torch forward and compiled decoder, a cache each with `slots` slots,
+    and the list the compiled decoder's calls go to (their input shapes)."""
+    torch_model, compiled = LlamaForCausalLM(config), LlamaForCausalLM(config)
+    init_weights(torch_model, std=0.1, seed=seed)
+    compiled.load_state_dict(torch_model.state_dict())
+    torch_model.fuse_projections()
+    compiled.fuse_projections(numpy_decode=True)
+    caches = [KVCache(config.num_hidden_layers, slots, config.num_key_value_heads, 64,
+                      config.head_dim) for _ in range(2)]
+    calls = []
+    decode = compiled.numpy_decoder.forward
+    monkeypatch.setattr(compiled.numpy_decoder, "forward",
+                        lambda ids, *a: calls.append(tuple(ids.shape)) or decode(ids, *a))
+    return torch_model, compiled, caches, calls
+
+
 def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
     """A prompt, chains of 1-5 tokens and a tree block (tree attention) of one sequence: the numpy
     forward gives the torch forward's hidden states and writes the same cache entries; a long block
     still goes through torch."""
-    torch_model, numpy_model = LlamaForCausalLM(gqa_config), LlamaForCausalLM(gqa_config)
-    init_weights(torch_model, std=0.1, seed=6)
-    numpy_model.load_state_dict(torch_model.state_dict())
-    torch_model.fuse_projections()
-    numpy_model.fuse_projections(numpy_decode=True)
+    torch_model, numpy_model, caches, calls = twins(gqa_config, 6, 3, monkeypatch)
     cfg = torch_model.config
-    caches = [KVCache(cfg.num_hidden_layers, 3, cfg.num_key_value_heads, 64, cfg.head_dim)
-              for _ in range(2)]
     for cache in caches:
         cache.allocate(), cache.allocate()
-    calls = []
-    decode = numpy_model.numpy_decoder.forward
-    monkeypatch.setattr(numpy_model.numpy_decoder, "forward",
-                        lambda ids, *a: calls.append(ids.shape[1]) or decode(ids, *a))
     gen = torch.Generator().manual_seed(3)
     chain = lambda n: list(range(-1, n - 1))  # noqa: E731
     blocks = [(chain(7), None), (chain(1), None), (chain(2), None), (chain(3), None),
@@ -78,7 +85,7 @@ def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
                 cache.commit(1, keep if keep is not None else list(range(len(parents))))
             assert hidden[0].shape == hidden[1].shape == (1, len(parents), cfg.hidden_size)
             assert (hidden[0] - hidden[1]).abs().max() <= 1e-5
-        assert calls == [7, 1, 2, 3, 6, 5]  # the 33-token block went through torch
+        assert [t for _, t in calls] == [7, 1, 2, 3, 6, 5]  # the 33-token block went through torch
         n = caches[0].lengths[1]
         assert n == 7 + 1 + 2 + 3 + 3 + 5 + 33
         for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
@@ -95,18 +102,8 @@ def test_compiled_decoder_batches_sequences_like_the_torch_forward(gqa_config, m
     """Continuous batching: several sequences in one forward, each at its own length, blocks of
     different sizes (padded), a tree among them, slots with a gap: the compiled forward gives the
     torch forward's hidden states (padding rows zero) and cache entries, slot by slot."""
-    torch_model, compiled = LlamaForCausalLM(gqa_config), LlamaForCausalLM(gqa_config)
-    init_weights(torch_model, std=0.1, seed=8)
-    compiled.load_state_dict(torch_model.state_dict())
-    torch_model.fuse_projections()
-    compiled.fuse_projections(numpy_decode=True)
+    torch_model, compiled, caches, calls = twins(gqa_config, 8, 5, monkeypatch)
     cfg = torch_model.config
-    caches = [KVCache(cfg.num_hidden_layers, 5, cfg.num_key_value_heads, 64, cfg.head_dim)
-              for _ in range(2)]
-    calls = []
-    decode = compiled.numpy_decoder.forward
-    monkeypatch.setattr(compiled.numpy_decoder, "forward",
-                        lambda ids, *a: calls.append(ids.shape) or decode(ids, *a))
     gen = torch.Generator().manual_seed(4)
     chain = lambda n: list(range(-1, n - 1))  # noqa: E731
     steps = [  # (slots, each slot's block)
