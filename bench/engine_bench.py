@@ -7,7 +7,8 @@ draft model are untrained, so acceptance is near zero: speed-ups need the traine
 bundle that has a token layout, prompts are `[BOS] phonemes [SEP]` and decoding follows the
 interleaved rule (forced phonemes). Batch 1, CPU unless --device says otherwise. Prints a table and
 writes JSON to bench/results/engine.json. `--compare-torch-forward` runs every mode a second time,
-side by side, with one-sequence forwards in torch instead of numpy (`Engine(numpy_decode=False)`).
+side by side, with decoding forwards in torch instead of the compiled decoder
+(`Engine(numpy_decode=False)`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """One thread count for both math libraries of the engine: torch's pool and the BLAS that numpy links
-(the numpy decoder's matrix products, `models.numpy_decoder`). On a shared 2-core machine both must be
-pinned: one oversubscribed pool made a small model 25x slower here."""
+(numpy's and scipy's OpenBLAS, for any numpy matrix product). The compiled decoder (`models.kernels`)
+is single-threaded. On a shared 2-core machine every pool must be pinned: one
+oversubscribed pool made a small model 25x slower here."""
 
 from __future__ import annotations
 

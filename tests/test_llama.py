@@ -34,7 +34,7 @@ def test_logits_match_transformers(tmp_path, gqa_config, fused):
     ours = LlamaForCausalLM(gqa_config)
     init_weights(ours, std=0.1, seed=3)
     ours.save_pretrained(tmp_path)
-    if fused:  # what the engine runs: q/k/v and gate/up as one matmul each, in numpy on the CPU
+    if fused:  # what the engine runs: q/k/v and gate/up as one matmul each, compiled on the CPU
         ours.fuse_projections(numpy_decode=fused == "numpy")
         assert (ours.numpy_decoder is not None) == (fused == "numpy")
         assert set(ours.state_dict()) == set(LlamaForCausalLM(gqa_config).state_dict())
