@@ -114,7 +114,7 @@ class Capacity:
     as proportional to n, which underestimates the capacity: safe).
     """
 
-    def __init__(self, margin: float = 1.5, window: int = 512) -> None:
+    def __init__(self, margin: float = 2.0, window: int = 512) -> None:
         self.margin = margin
         self.samples: deque[tuple[int, float, float]] = deque(maxlen=window)
 

@@ -147,7 +147,7 @@ class SpeechStream:
 class TTSService:
     def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
                  chunk_frames: int = 40, policy: Policy = Policy(), prefill_chunk: int = 64,
-                 row_budget: int = 64, capacity_margin: float = 1.5) -> None:
+                 row_budget: int = 64, capacity_margin: float = 2.0) -> None:
         """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`chunk_size`); prefill_chunk and
         row_budget: see Engine.step; capacity_margin: see `Capacity`."""
         self.tts = tts
