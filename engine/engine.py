@@ -67,7 +67,7 @@ class Engine:
     def __init__(self, bundle: Bundle, max_batch: int = 8, max_len: int = 2048,
                  prefix_blocks: int = 0, prefix_block: int = 16, numpy_decode: bool = True) -> None:
         """prefix_blocks > 0: keep that many blocks of `prefix_block` prompt tokens for reuse.
-        numpy_decode: on the CPU, one sequence's forwards run compiled (`models.numpy_decoder`)."""
+        numpy_decode: on the CPU, decoding forwards (≤ 32 rows) run compiled (`models.numpy_decoder`)."""
         self.bundle = bundle
         self.target, self.draft, self.heads = bundle.target, bundle.draft, bundle.heads
         for model in (self.target, self.draft):  # the engine never trains: fused projections

@@ -246,9 +246,9 @@ class LlamaForCausalLM(nn.Module):
         """input_ids (B, T) -> final hidden states (B, T, hidden). With a cache, K/V of every input
         are written into it at `layout`'s positions and attention follows the layout's mask; without
         one (training), each row is a whole sequence from position 0, causally masked.
-        A single sequence's forward of a few tokens without gradients runs compiled when
-        `fuse_projections` set that up (`models.numpy_decoder`: same numbers up to float rounding,
-        3.5x as fast at one token)."""
+        A forward of a few tokens in all (one sequence's, or a batch's packed rows) without gradients
+        runs compiled when `fuse_projections` set that up (`models.numpy_decoder`: same numbers up to
+        float rounding, 3.5x as fast at one token)."""
         if layout is not None and self.in_numpy(input_ids.shape[1] if layout.rows is None
                                                 else len(layout.rows[0])):
             return self.numpy_decoder.forward(input_ids, cache, layout)
@@ -285,7 +285,7 @@ class LlamaForCausalLM(nn.Module):
         return self
 
     def in_numpy(self, rows: int) -> bool:
-        """Whether `rows` tokens of one sequence go through the compiled decoder (inference only)."""
+        """Whether a forward of `rows` real tokens goes through the compiled decoder (inference only)."""
         return (self.numpy_decoder is not None and rows <= self.numpy_decoder.max_rows
                 and not torch.is_grad_enabled())
 

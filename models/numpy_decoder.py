@@ -1,13 +1,13 @@
-"""The decoder's forward for ONE sequence of a few tokens on the CPU, compiled: same math as
-`models.llama`, the whole forward one call into `models.kernels` (numba).
+"""The decoder's forward of a few tokens on the CPU, compiled: same math as `models.llama`, the
+whole forward one call into `models.kernels` (numba). (The name is its first form's, numpy.)
 
 On this project's CPUs a torch operation on a 256-wide vector costs 3-5 µs of dispatch before any
 arithmetic, and a numpy one 2-4 µs; a one-token forward of the shipped voice (6 layers, ~25 matrix
 products, ~300 operations) took 5.0 ms through torch, 3.0 ms through numpy and 1.4 ms here
-(`bench/engine_bench.py --compare-torch-forward`). So the single-sequence forwards of decoding —
-plain steps, a speculative tree, a draft model's proposals — run here; batched forwards (several
-sequences) and long blocks stay in torch, whose packed rows and one big matmul per projection pay
-off there.
+(`bench/engine_bench.py --compare-torch-forward`). So the forwards of decoding run here — plain
+steps, a speculative tree, a draft model's proposals, and a continuous-batching step of several
+sequences (their rows packed, `BlockLayout.rows`) — up to `max_rows` rows; longer blocks (a prompt)
+stay in torch.
 
 It reads the torch model's inference weights (`fuse_projections`; copied once, (out, in) and stacked
 over layers) and writes the persistent `engine.kv_cache.KVCache` in place, through numpy views of
