@@ -73,6 +73,8 @@ class Engine:
         for model in (self.target, self.draft):  # the engine never trains: fused projections
             if model is not None:
                 model.fuse_projections(numpy_decode)
+        if self.heads is not None:
+            self.heads.fuse(numpy_decode)
         cfg = self.target.config
         self.vocab_size = cfg.vocab_size
         self.device = next(self.target.parameters()).device

@@ -115,22 +115,45 @@ def softmax_row(row, visible, masked, bits):
 
 
 @jit
-def silu_mul_into(gate_up, bits, out):
-    """gate_up (T, 2 I) -> out (T, I) = silu(gate) * up, with exp(-|g|) so that the exponent is
-    never positive (`exp_nonpositive`)."""
-    T, I2 = gate_up.shape
-    inter = I2 // 2
-    e = np.empty(inter, np.float32)
+def silu_(x, bits):
+    """x (T, N) -> silu(x) = x sigmoid(x) in place, with exp(-|x|) so that the exponent is never
+    positive (`exp_nonpositive`); bits (>= N,) int32 scratch."""
+    T, N = x.shape
+    e = np.empty(N, np.float32)
     for t in range(T):
-        for j in range(inter):
-            e[j] = -abs(gate_up[t, j])
+        for j in range(N):
+            e[j] = -abs(x[t, j])
         exp_nonpositive(e, bits)
-        for j in range(inter):
-            g = gate_up[t, j]
+        for j in range(N):
             sig = np.float32(1.0) / (np.float32(1.0) + e[j])
-            if g < 0:
+            if x[t, j] < 0:
                 sig = e[j] * sig
-            out[t, j] = g * sig * gate_up[t, inter + j]
+            x[t, j] *= sig
+
+
+@jit
+def silu_mul_into(gate_up, bits, out):
+    """gate_up (T, 2 I) -> out (T, I) = silu(gate) * up."""
+    inter = out.shape[1]
+    out[:] = gate_up[:, :inter]
+    silu_(out, bits)
+    out *= gate_up[:, inter:]
+
+
+@jit
+def draft_heads(hidden, w_block, b_block, w_out, out):
+    """MEDUSA heads (`models.heads`): hidden (B, D) -> out (K, B, V), head k's logits
+    w_out[k] (h + silu(w_block[k] h + b_block[k])). w_block (K, D, D), b_block (K, D), w_out (K, V, D)."""
+    K, D = b_block.shape
+    B = hidden.shape[0]
+    y = np.empty((B, D), np.float32)
+    bits = np.empty(D, np.int32)
+    for k in range(K):
+        matmul_into(hidden, w_block[k], y)
+        y += b_block[k]
+        silu_(y, bits)
+        y += hidden
+        matmul_into(y, w_out[k], out[k])
 
 
 @jit

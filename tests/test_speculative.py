@@ -163,3 +163,25 @@ def test_cache_after_rejections_equals_cache_of_accepted_tokens():
     assert torch.allclose(ours[0], ref[0], atol=1e-5) and torch.allclose(ours[1], ref[1], atol=1e-5)
     engine.release(seq)
     assert engine.cache.slots_in_use == 0
+
+
+def test_compiled_draft_heads_equal_the_torch_heads():
+    """The engine's heads (`DraftHeads.fuse(True)`, compiled on the CPU) give the torch heads'
+    logits for one or several sequences; with gradients on, the torch path runs."""
+    from models.heads import DraftHeads
+
+    heads = DraftHeads(4, 32, 50)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in heads.parameters():  # the blocks start as the identity: make them count
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    hidden = torch.randn(3, 32, generator=gen)
+    with torch.no_grad():
+        expected = heads(hidden)  # (B, K, V)
+        heads.fuse(True)
+        assert heads.compiled is not None
+        for rows in (hidden[:1], hidden):
+            got = heads(rows)
+            assert got.shape == (len(rows), 4, 50)
+            assert (got - expected[:len(rows)]).abs().max() <= 1e-5
+    assert heads(hidden).requires_grad
