@@ -103,6 +103,12 @@ class Policy:
         return None
 
 
+# streams are admitted while each would be decoded this much faster than real time. 1.5 until
+# session 7: with the compiled decoder's faster steps it admitted more streams and N = 16 stalled
+# 99-160 ms in 3 of 6 load runs; 2.0: at most 53 ms in 4, the same audio s / wall s
+CAPACITY_MARGIN = 2.0
+
+
 class Capacity:
     """How many streams the engine keeps ahead of real time, learned from its own steps.
 
@@ -114,7 +120,7 @@ class Capacity:
     as proportional to n, which underestimates the capacity: safe).
     """
 
-    def __init__(self, margin: float = 2.0, window: int = 512) -> None:
+    def __init__(self, margin: float = CAPACITY_MARGIN, window: int = 512) -> None:
         self.margin = margin
         self.samples: deque[tuple[int, float, float]] = deque(maxlen=window)
 

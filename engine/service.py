@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.scheduler import Capacity, Playback, Policy
+from engine.scheduler import CAPACITY_MARGIN, Capacity, Playback, Policy
 from engine.sequence import Sequence
 from engine.tts import SentencePlan, TextToSpeech, merge_stats, stretch
 from engine.types import GenerationConfig, GenerationStats
@@ -147,7 +147,7 @@ class SpeechStream:
 class TTSService:
     def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
                  chunk_frames: int = 40, policy: Policy = Policy(), prefill_chunk: int = 64,
-                 row_budget: int = 64, capacity_margin: float = 2.0) -> None:
+                 row_budget: int = 64, capacity_margin: float = CAPACITY_MARGIN) -> None:
         """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`chunk_size`); prefill_chunk and
         row_budget: see Engine.step; capacity_margin: see `Capacity`."""
         self.tts = tts

@@ -1,7 +1,7 @@
 """One thread count for both math libraries of the engine: torch's pool and the BLAS that numpy links
 (numpy's and scipy's OpenBLAS, for any numpy matrix product). The compiled decoder (`models.kernels`)
-is single-threaded. On a shared 2-core machine every pool must be pinned: one
-oversubscribed pool made a small model 25x slower here."""
+is single-threaded. On a shared 2-core machine every pool must be pinned: one oversubscribed pool
+made a small model 25x slower here."""
 
 from __future__ import annotations
 

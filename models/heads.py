@@ -53,11 +53,9 @@ class DraftHeads(nn.Module):
         first = self.heads[0].out.weight
         self.compiled = None
         if compiled and first.device.type == "cpu" and first.dtype == torch.float32:
-            def stack(weights) -> np.ndarray:
-                return np.ascontiguousarray(np.stack([w.detach().numpy() for w in weights]))
-            self.compiled = (stack(h.block.linear.weight for h in self.heads),  # (K, D, D)
-                             stack(h.block.linear.bias for h in self.heads),  # (K, D)
-                             stack(h.out.weight for h in self.heads))  # (K, V, D)
+            self.compiled = (kernels.stacked(h.block.linear.weight for h in self.heads),  # (K, D, D)
+                             kernels.stacked(h.block.linear.bias for h in self.heads),  # (K, D)
+                             kernels.stacked(h.out.weight for h in self.heads))  # (K, V, D)
         return self
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Compiled (numba) kernels of the decoder's forward for ONE sequence of a few tokens on the CPU.
+"""Compiled (numba) kernels for decoding on the CPU: the decoder's forward of a few tokens (one
+sequence's, or several sequences' packed rows) and the MEDUSA draft heads.
 
 Why compiled: a one-token forward of the shipped voice is ~25 matrix-vector products and ~300
 small vector operations. Through numpy each operation costs 2-4 µs of call overhead, ~1.2 ms of a
@@ -21,6 +22,12 @@ import numpy as np
 
 FAST = {"nsz", "arcp", "contract", "reassoc"}
 jit = numba.njit(fastmath=FAST, cache=True, nogil=True)
+
+
+def stacked(weights) -> np.ndarray:
+    """torch tensors of one shape (per layer, per head) -> one contiguous float32 array (N, ...):
+    the kernels' copy of a model's weights."""
+    return np.ascontiguousarray(np.stack([w.detach().numpy() for w in weights]))
 
 
 @jit
@@ -87,10 +94,11 @@ def exp_nonpositive(a, bits):
 
 
 @jit
-def softmax_row(row, visible, masked, bits):
-    """row (S,) of scores -> probabilities in place. masked: visible (S,) uint8 says which
-    positions count (0: probability 0); otherwise all do."""
+def softmax_row(row, visible, bits):
+    """row (S,) of scores -> probabilities in place. visible (>= S,) uint8 says which positions
+    count (0: probability 0); empty: all do."""
     S = row.shape[0]
+    masked = visible.shape[0] > 0
     low = np.float32(-3.0e38)
     if masked:
         for s in range(S):
@@ -157,13 +165,15 @@ def draft_heads(hidden, w_block, b_block, w_out, out):
 
 
 @jit
-def attention_into(qkv, keys, values, visible, masked, n_heads, n_kv, span, bits, out):
+def attention_into(qkv, keys, values, visible, n_heads, n_kv, span, bits, out):
     """qkv (T, (H + 2 Hkv) hd) rotated; keys, values (Hkv, max_len, hd) of this layer and sequence,
-    the block's own entries already written; visible (T, span) uint8 -> out (T, H hd).
+    the block's own entries already written; visible (T, >= span) uint8, or (1, 0): every position
+    < span -> out (T, H hd).
     Per kv head, its G T query rows: scores = Q K.T as one `matmul_into`, softmax, then P V."""
     T = qkv.shape[0]
     hd = keys.shape[2]
     G = n_heads // n_kv
+    masked = visible.shape[1] > 0
     scale = np.float32(1.0 / math.sqrt(hd))
     q = np.empty((G * T, hd), np.float32)  # rows t G + g
     o = np.empty((G * T, hd), np.float32)
@@ -175,7 +185,7 @@ def attention_into(qkv, keys, values, visible, masked, n_heads, n_kv, span, bits
                     q[t * G + g, d] = qkv[t, (kh * G + g) * hd + d] * scale
         matmul_into(q, keys[kh, :span], scores)
         for r in range(G * T):
-            softmax_row(scores[r], visible[r // G] if masked else visible[0], masked, bits)
+            softmax_row(scores[r], visible[r // G] if masked else visible[0], bits)
         o[:] = 0.0
         vc = values[kh]
         for s in range(span):
@@ -252,7 +262,7 @@ def decoder_layers(x, cos, sin, visible, keys, values, seq_rows, slots, starts,
                         values[i, slot, kh, start + r - r0, d] = qkv[r, (n_heads + n_kv + kh) * hd + d]
             span = start + r1 - r0
             attention_into(qkv[r0:r1], keys[i, slot], values[i, slot],
-                           visible[r0:r1] if masked else visible, masked, n_heads, n_kv, span,
+                           visible[r0:r1] if masked else visible, n_heads, n_kv, span,
                            bits[:span], attn[r0:r1])
         matmul_into(attn, w_o[i], proj)
         x += proj

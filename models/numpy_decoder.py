@@ -51,10 +51,7 @@ class NumpyDecoder:
         self.rotary = model.model.rotary
         self.embed = model.model.embed_tokens.weight.detach().numpy()  # (V, D)
         layers = model.model.layers
-
-        def stack(weights) -> np.ndarray:  # per layer -> (L, ...) float32, (out, in) for matrices
-            return np.ascontiguousarray(np.stack([w.detach().numpy() for w in weights]))
-
+        stack = kernels.stacked  # per layer -> (L, ...)
         # the fused projections (`fuse_projections`) keep (in, out); the kernels read (out, in)
         self.w_in = stack(layer.input_layernorm.weight for layer in layers)  # (L, D)
         self.w_qkv = stack(layer.self_attn.qkv_t.T for layer in layers)  # (L, (H + 2 Hkv) hd, D)
@@ -92,13 +89,11 @@ class NumpyDecoder:
             if real is not None:
                 visible = visible[real]
         rows = self.rotary.table.numpy()[positions]  # (R, 2, hd)
-        lengths = [n for _, _, n in layout.writes]
+        slots, starts, lengths = np.array(layout.writes, np.int64).T.copy()  # (B,) each
         hidden = kernels.decoder_layers(
             self.embed[ids], np.ascontiguousarray(rows[:, 0]), np.ascontiguousarray(rows[:, 1]),
             np.ascontiguousarray(visible), cache.k.numpy(), cache.v.numpy(),
-            np.cumsum([0, *lengths]), np.array([slot for slot, _, _ in layout.writes]),
-            np.array([start for _, start, _ in layout.writes]),
-            self.w_in, self.w_qkv, self.w_o, self.w_post, self.w_gate_up, self.w_down,
+            np.concatenate(([0], np.cumsum(lengths))), slots, starts, self.w_in, self.w_qkv, self.w_o, self.w_post, self.w_gate_up, self.w_down,
             self.w_norm, self.eps, self.H, self.Hkv)  # (R, D)
         if real is None:
             return torch.from_numpy(hidden)[None]  # (1, T, D)

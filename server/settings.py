@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.scheduler import CAPACITY_MARGIN
 from engine.tts import DEFAULT_VOICE
 from engine.types import ACCEPTS, DECODINGS
 
@@ -67,7 +68,7 @@ class Settings(BaseSettings):
                                     "the buffer a player starts with; later chunks grow by half "
                                     "up to chunk_frames")
     chunk_frames: int = Field(40, ge=1, description="largest audio chunk, in speech frames")
-    capacity_margin: float = Field(2.0, ge=1.0, description="admission control: admit streams "
+    capacity_margin: float = Field(CAPACITY_MARGIN, ge=1.0, description="admission control: admit streams "
                                    "while each would be generated this much faster than real time")
     switch_interval_s: float = Field(0.0005, gt=0, description="Python's thread switch interval "
                                      "(sys.setswitchinterval; Python's default 0.005): the engine "
