@@ -213,7 +213,7 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
              bundle: Path | None = None, device: str = "cpu", save_wavs: Path | None = None,
              progress: bool = True, log: Callable[[str], None] = print,
              phoneme_coverage: float | None = None, overrides: dict | None = None,
-             dither: int = 0) -> dict:
+             dither: int = 0, phoneme_durations: str | None = None) -> dict:
     """Speak, transcribe and score; returns the report (see `main` for its JSON form).
     dither > 0: each audio is also transcribed that many more times with `DITHER_STD` noise added
     (seeded by copy and sentence), and its errors are the mean over all its transcripts: an estimate
@@ -251,7 +251,8 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
     if modes:
         from engine.tts import TextToSpeech
 
-        tts = TextToSpeech(bundle, device=device, phoneme_coverage=phoneme_coverage)
+        tts = TextToSpeech(bundle, device=device, phoneme_coverage=phoneme_coverage,
+                           phoneme_durations=phoneme_durations)
         skipped = unsupported_modes(tts, modes)
         for mode in modes:
             if mode in skipped:
@@ -318,6 +319,8 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from engine.tts import PHONEME_DURATIONS
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sentences", type=int, default=None, help="first N eval sentences (default: all)")
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
@@ -331,6 +334,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--beam-size", type=int, default=5, help="Whisper beam size")
     ap.add_argument("--phoneme-coverage", type=float, default=None,
                     help="TTS: per-phoneme speech-token constraint (default: the bundle's; 1: off)")
+    ap.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default=None,
+                    help="who ends each phoneme: the LM (model) or espeak-ng (frontend); default: the bundle's")
     ap.add_argument("--tau", type=int, default=None, help="tolerance: top-τ (default 2)")
     ap.add_argument("--beta", type=float, default=None, help="draft: SSD's β (default 0.4)")
     ap.add_argument("--min-ratio", type=float, default=None,
@@ -372,8 +377,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                       overrides={k: v for k, v in (("tau", args.tau), ("beta", args.beta),
                                                    ("min_ratio", args.min_ratio))
                                  if v is not None},
-                      dither=args.dither)
+                      dither=args.dither, phoneme_durations=args.phoneme_durations)
     report["phoneme_coverage"] = args.phoneme_coverage
+    report["phoneme_durations"] = args.phoneme_durations
     report["dither"] = {"copies": args.dither, "std": DITHER_STD}
     report["judge"] = {"model": "whisper-base (CTranslate2, int8, CPU)", "model_dir": str(judge.model_dir),
                        "beam_size": args.beam_size, "language": "en", "vad_filter": False}

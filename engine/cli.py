@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     syn.add_argument("--threads", type=int, default=None, help="torch and BLAS threads")
     syn.add_argument("--json", action="store_true", help="print one JSON object per text")
+    syn.add_argument("--phoneme-durations", choices=("model", "frontend"), default=None,
+                     help="who ends each phoneme: the speech LM or espeak-ng (default: the voice's)")
     add_generation_flags(syn)
     syn.set_defaults(max_new_tokens=10**6)
     add_serve_parser(sub)
@@ -130,7 +132,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
     cfg = generation_config(args)
     texts = ([args.text] if args.text is not None
              else Path(args.text_file).read_text(encoding="utf-8").splitlines())
-    tts = TextToSpeech(args.bundle or DEFAULT_VOICE, device=args.device)
+    tts = TextToSpeech(args.bundle or DEFAULT_VOICE, device=args.device,
+                       phoneme_durations=args.phoneme_durations)
     for text in texts:  # validate every line before speaking any
         tts.plan(text)
     for i, text in enumerate(texts):

@@ -203,6 +203,8 @@ class Engine:
         for s, r in zip(seqs, room):
             if r < 0:
                 s.finish("cache")
+        # no more candidates than tokens the sequence may still add (a rule may force long chains)
+        room = [min(r, s.cfg.max_new_tokens - s.stats.tokens) for s, r in zip(seqs, room)]
         live = [b for b, s in enumerate(seqs) if not s.finished]
         if not live:
             return

@@ -53,12 +53,15 @@ class InterleavedRule:
     Each phoneme is forced; after it only speech tokens or the end-of-phoneme marker may follow (one
     mask for all phonemes, or one per phoneme: e.g. the tokens that phoneme was spoken with); after
     the last phoneme's marker the end of speech is forced. `max_frames` (optional) forces the marker
-    after that many speech tokens of one phoneme, so a phoneme can never run on.
+    after that many speech tokens of one phoneme, so a phoneme can never run on. `durations` (optional,
+    frames per phoneme, e.g. the frontend's) fixes every phoneme's length instead: the marker is
+    forced after exactly that many speech tokens and never allowed before.
     State: (index of the current phoneme, speech frames emitted for it; -1 while the phoneme is due).
     """
 
     def __init__(self, phonemes: list[int], speech_and_eop: torch.Tensor | list[torch.Tensor],
-                 eop: int, eos: int, max_frames: int = 0) -> None:
+                 eop: int, eos: int, max_frames: int = 0, durations: list[int] | None = None
+                 ) -> None:
         if not phonemes:
             raise ValueError("an interleaved rule needs at least one phoneme")
         self.phonemes, self.eop, self.eos, self.max_frames = list(phonemes), eop, eos, max_frames
@@ -66,6 +69,16 @@ class InterleavedRule:
             speech_and_eop = [speech_and_eop] * len(self.phonemes)
         if len(speech_and_eop) != len(self.phonemes):
             raise ValueError("one allowed mask per phoneme")
+        self.durations = None if durations is None else [int(d) for d in durations]
+        if self.durations is not None:
+            if len(self.durations) != len(self.phonemes) or min(self.durations) < 0:
+                raise ValueError("one non-negative duration per phoneme")
+            speech_only: dict[int, torch.Tensor] = {}  # masks are shared between phonemes: one copy each
+            for m in speech_and_eop:
+                if id(m) not in speech_only:
+                    speech_only[id(m)] = m.clone()
+                    speech_only[id(m)][eop] = False
+            speech_and_eop = [speech_only[id(m)] for m in speech_and_eop]
         self._speech = [Constraint(allowed=m) for m in speech_and_eop]
         self._eop = Constraint(forced=eop)
         self._end = Constraint(forced=eos)
@@ -85,6 +98,10 @@ class InterleavedRule:
         idx, frames = state
         if frames < 0:
             return self._end if idx >= len(self.phonemes) else Constraint(forced=self.phonemes[idx])
+        if idx >= len(self.phonemes):  # past the end of speech (drafts only): never force, or a
+            return self._speech[-1]     # chain of forced markers would never end
+        if self.durations is not None:
+            return self._eop if frames >= self.durations[idx] else self._speech[idx]
         if self.max_frames and frames >= self.max_frames:
             return self._eop
-        return self._speech[min(idx, len(self._speech) - 1)]  # past the end only in drafts
+        return self._speech[idx]

@@ -20,6 +20,7 @@ from models import interleaved
 from models.bundle import load_bundle
 
 DEFAULT_VOICE = Path(__file__).resolve().parents[1] / "models" / "default_voice"
+PHONEME_DURATIONS = ("model", "frontend")
 
 
 @dataclass
@@ -27,6 +28,7 @@ class SentencePlan:
     text: str
     prompt: list[int]
     phonemes: list[int]  # phoneme-vocabulary ids
+    durations: list[int] | None = None  # frames per phoneme, forced; None: the model decides
 
 
 @dataclass
@@ -68,10 +70,14 @@ def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]
 class TextToSpeech:
     def __init__(self, bundle_path: str | Path = DEFAULT_VOICE, device: str = "cpu",
                  max_batch: int = 8, max_len: int = 4096, prefix_blocks: int = 0,
-                 phoneme_coverage: float | None = None) -> None:
+                 phoneme_coverage: float | None = None, phoneme_durations: str | None = None
+                 ) -> None:
         """phoneme_coverage: restrict each phoneme's speech tokens to those covering this share of its
-        training frames (None: the bundle's setting; >= 1: no restriction)."""
-        from models.frontend import Espeak, PhonemeVocab
+        training frames (None: the bundle's setting; >= 1: no restriction).
+        phoneme_durations: who decides where each phoneme ends: "model" (the LM's end-of-phoneme
+        marker) or "frontend" (espeak-ng's durations, the training alignment, forced); None: the
+        bundle's setting, else "model"."""
+        from models.frontend import Espeak, PhonemeVocab, PristineEspeak
         from models.vocoder import CausalVocos
 
         dev = resolve_device(device)
@@ -87,6 +93,14 @@ class TextToSpeech:
         self.vocoder = CausalVocos.load(Path(bundle_path) / bundle.raw["vocoder"], dev)
         self.sample_rate = self.vocoder.cfg.sample_rate
         self.max_frames = int(bundle.raw.get("max_frames_per_phoneme", 0))
+        self.phoneme_durations = phoneme_durations or bundle.raw.get("phoneme_durations", "model")
+        if self.phoneme_durations not in PHONEME_DURATIONS:
+            raise ValueError(f"phoneme_durations must be one of {PHONEME_DURATIONS}, "
+                             f"not {self.phoneme_durations!r}")
+        self.hop = self.vocoder.cfg.hop  # espeak-ng and the vocoder share the sample rate
+        if self.phoneme_durations == "frontend":  # timings from the text alone, not from history
+            self.espeak = PristineEspeak(front.get("voice", "en-us"))
+            self.espeak.synthesize("")  # start its helper process now, not on the first request
         self.name = bundle.raw.get("name", Path(bundle_path).name)
         self.phoneme_masks = None  # per phoneme id, its allowed (V,) mask; None: unconstrained
         entry = bundle.raw.get("phoneme_tokens")
@@ -106,21 +120,27 @@ class TextToSpeech:
             raise ValueError("the input text is empty")
         plans = []
         for sentence in split_sentences(text, max_chars=max_chars):
-            names = self.espeak.phonemize(normalize(sentence))
-            ids = self.phoneme_vocab.to_ids(names)
-            if any(n not in ("_", "_:", "_!", "_|") for n in names):  # something besides pauses
-                plans.append(SentencePlan(sentence, interleaved.prompt_ids(self.layout, ids), ids))
+            utt = self.espeak.synthesize(normalize(sentence))
+            ids = self.phoneme_vocab.to_ids(utt.phonemes)
+            durations = (utt.frame_durations(self.hop).tolist()
+                         if self.phoneme_durations == "frontend" else None)
+            if any(n not in ("_", "_:", "_!", "_|") for n in utt.phonemes):  # besides pauses
+                plans.append(SentencePlan(sentence, interleaved.prompt_ids(self.layout, ids), ids,
+                                          durations))
         if not plans:
             raise ValueError("the input text has nothing speakable after normalisation")
         return plans
 
     def rule(self, plan: SentencePlan):
         return interleaved.rule(self.layout, plan.phonemes, self.engine.vocab_size, self.max_frames,
-                                self.phoneme_masks)
+                                self.phoneme_masks, plan.durations)
 
     def max_new_tokens(self, plan: SentencePlan) -> int:
-        """A hard cap: phonemes, markers and up to max_frames (or 50) frames per phoneme."""
-        return len(plan.phonemes) * (2 + (self.max_frames or 50)) + 2
+        """A hard cap: phonemes, markers and their frames (up to max_frames, or 50, each when the
+        model decides), and the end."""
+        frames = (sum(plan.durations) if plan.durations is not None
+                  else len(plan.phonemes) * (self.max_frames or 50))
+        return 2 * len(plan.phonemes) + frames + 2
 
     def generation_config(self, plan: SentencePlan, cfg: GenerationConfig) -> GenerationConfig:
         from dataclasses import replace

@@ -23,13 +23,18 @@ Findings for espeak-ng 1.51, voice en-us:
   synthesised before (pitch-flutter phase and clause-pause state live in statics that the API
   cannot reset; durations move by ~12 ms typically, up to ~50 ms), so the same calls in the same
   order from a fresh process give identical bytes: build corpora in a fixed order per process.
+  `PristineEspeak` speaks every text from the same fresh state (a helper process forks a child per
+  text), so timings that serving depends on (forced phoneme durations) depend on the text alone.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import unicodedata
 from collections.abc import Callable, Iterable, Sequence
@@ -87,6 +92,16 @@ class Utterance:
     # Sample index in `audio` where each phoneme starts, non-decreasing; a phoneme lasts until the
     # next start (the last one until the end), audio before starts[0] is leading silence.
     starts: list[int]
+
+    def frame_durations(self, hop: int) -> np.ndarray:
+        """(len(phonemes),) int16: frames of `hop` samples per phoneme, summing to len(audio) // hop.
+        Each start is rounded to the nearest frame and the first phoneme takes any leading frames; a
+        phoneme shorter than half a frame gets zero. The voice's training alignment and the forced
+        durations at serving time (`phoneme_durations="frontend"`) both come from here."""
+        frames = len(self.audio) // hop
+        bounds = [min(round(s / hop), frames) for s in self.starts] + [frames]
+        bounds[0] = 0
+        return np.diff(np.maximum.accumulate(np.asarray(bounds))).astype(np.int16)
 
 
 class _Library:
@@ -172,14 +187,99 @@ class Espeak:
 
     def synthesize(self, text: str) -> Utterance:
         """Speak `text` (taken literally: run `normalize` first) and return audio and phoneme starts."""
-        pcm, events = self._lib.synthesize(text, self.voice)
-        audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
-        starts = [min(max(s, 0), len(audio)) for _, s in events]
-        return Utterance(audio=audio, phonemes=[p for p, _ in events], starts=starts)
+        return _utterance(*self._lib.synthesize(text, self.voice))
 
     def phonemize(self, text: str) -> list[str]:
         """The phoneme names `synthesize(text)` would give (the same synthesis, audio dropped)."""
         return [p for p, _ in self._lib.synthesize(text, self.voice)[1]]
+
+
+def _utterance(pcm: bytes, events: list[tuple[str, int]]) -> Utterance:
+    audio = np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+    starts = [min(max(s, 0), len(audio)) for _, s in events]
+    return Utterance(audio=audio, phonemes=[p for p, _ in events], starts=starts)
+
+
+class PristineEspeak:
+    """espeak-ng that speaks every text from the same fresh state, so that audio and phoneme starts
+    depend on the text alone (`Espeak`'s also depend on what the process spoke before).
+
+    A helper process (`python -m models.frontend --pristine VOICE`) initialises espeak-ng, speaks
+    nothing itself, and forks one child per text: the child speaks from the helper's untouched state
+    and writes a JSON header line (phonemes, starts, byte count, or an error) and the 16-bit audio to
+    the shared stdout. ~2x the in-process cost (a fork per text). Thread-safe; the helper starts on
+    first use, is restarted if it dies, and exits when this object's pipe closes.
+    """
+
+    def __init__(self, voice: str = "en-us") -> None:
+        self.voice = voice
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+
+    def _helper(self) -> subprocess.Popen:
+        if self._proc is None or self._proc.poll() is not None:
+            root = Path(__file__).resolve().parents[1]
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
+            self._proc = subprocess.Popen([sys.executable, "-m", "models.frontend", "--pristine",
+                                           self.voice], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, env=env)
+        return self._proc
+
+    def synthesize(self, text: str) -> Utterance:
+        """Speak `text` (taken literally: run `normalize` first) from espeak-ng's fresh state."""
+        with self._lock:
+            proc = self._helper()
+            try:
+                proc.stdin.write(json.dumps(text).encode() + b"\n")
+                proc.stdin.flush()
+                header = json.loads(proc.stdout.readline() or b"null")
+            except (BrokenPipeError, ValueError):
+                header = None
+            if header is None:  # the helper died (it restarts on the next call)
+                proc.kill()
+                raise RuntimeError("the espeak-ng helper process exited")
+            if "error" in header:
+                raise RuntimeError(f"espeak-ng: {header['error']}")
+            pcm = proc.stdout.read(header["bytes"])
+        return _utterance(pcm, list(zip(header["phonemes"], header["starts"])))
+
+    def phonemize(self, text: str) -> list[str]:
+        return self.synthesize(text).phonemes
+
+    def close(self) -> None:
+        with self._lock:
+            if self._proc is not None:
+                self._proc.stdin.close()
+                self._proc.wait(timeout=5)
+                self._proc = None
+
+
+def _pristine_helper(voice: str) -> None:
+    """The loop of `PristineEspeak`'s helper process: one JSON text per stdin line."""
+    lib = _get_library()
+    out = sys.stdout.buffer
+    if lib.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+        out.write(json.dumps({"error": f"espeak-ng has no voice {voice!r}"}).encode() + b"\n")
+        out.flush()
+        return
+    lib.voice = voice
+    for line in sys.stdin.buffer:
+        pid = os.fork()
+        if pid == 0:  # the child speaks from the helper's untouched state, answers, and exits
+            try:
+                pcm, events = lib.synthesize(json.loads(line), voice)
+                header = {"phonemes": [p for p, _ in events], "starts": [s for _, s in events],
+                          "bytes": len(pcm)}
+                out.write(json.dumps(header).encode() + b"\n" + pcm)
+            except Exception as e:  # noqa: BLE001 - reported to the caller, never raised here
+                out.write(json.dumps({"error": str(e)}).encode() + b"\n")
+            out.flush()
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            out.write(json.dumps({"error": f"espeak-ng child failed ({status})"}).encode() + b"\n")
+            out.flush()
 
 
 # ---- English text normalisation -----------------------------------------------------------------
@@ -488,3 +588,7 @@ class PhonemeVocab:
         if data.get("format") != "spectts-phonemes" or data.get("version") != 1:
             raise ValueError(f"{path}: not a version 1 SpecTTS phoneme list")
         return cls(data["phonemes"])
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "--pristine":
+    _pristine_helper(sys.argv[2])

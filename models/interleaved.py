@@ -47,10 +47,12 @@ def prompt_ids(layout: TokenLayout, phonemes: list[int]) -> list[int]:
 
 
 def rule(layout: TokenLayout, phonemes: list[int], vocab: int, max_frames: int = 0,
-         phoneme_masks: list[torch.Tensor] | None = None) -> InterleavedRule:
+         phoneme_masks: list[torch.Tensor] | None = None, durations: list[int] | None = None
+         ) -> InterleavedRule:
     """The forced-token rule that generates `phonemes`' speech after `prompt_ids`. Without
     `phoneme_masks` any speech token (or EOP) may follow a phoneme; with them (from
-    `phoneme_allowed_masks`, indexed by phoneme-vocabulary id) only that phoneme's tokens (or EOP)."""
+    `phoneme_allowed_masks`, indexed by phoneme-vocabulary id) only that phoneme's tokens (or EOP).
+    With `durations` (frames per phoneme) every phoneme ends after exactly that many frames."""
     if phoneme_masks is None:
         allowed = torch.zeros(vocab, dtype=torch.bool)
         allowed[layout.speech[0]:layout.speech[1]] = True
@@ -59,7 +61,7 @@ def rule(layout: TokenLayout, phonemes: list[int], vocab: int, max_frames: int =
     else:
         masks = [phoneme_masks[p] for p in phonemes]
     return InterleavedRule([layout.phonemes[0] + p for p in phonemes], masks, layout.eop,
-                           layout.eos, max_frames=max_frames)
+                           layout.eos, max_frames=max_frames, durations=durations)
 
 
 def phoneme_token_counts(phonemes: np.ndarray, durations: np.ndarray, tokens: np.ndarray,

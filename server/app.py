@@ -44,7 +44,8 @@ def load_service(settings: Settings) -> TTSService:
         set_threads(threads)
     tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
                        max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks,
-                       phoneme_coverage=settings.phoneme_coverage)
+                       phoneme_coverage=settings.phoneme_coverage,
+                       phoneme_durations=settings.phoneme_durations)
     service = TTSService(tts, queue_size=settings.queue_size,
                          first_chunk_frames=settings.first_chunk_frames,
                          chunk_frames=settings.chunk_frames,

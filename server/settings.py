@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     phoneme_coverage: float | None = Field(None, gt=0, description="speech tokens allowed after "
                                            "each phoneme: those covering this share of its training "
                                            "frames (unset: the bundle's; 1: no constraint)")
+    phoneme_durations: Literal["model", "frontend"] | None = Field(
+        None, description="who ends each phoneme: the speech LM ('model') or espeak-ng's timing "
+                          "('frontend', forced); unset: the bundle's")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still generating after "
                                                               "this long is cancelled")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 (at capacity)")

@@ -16,6 +16,7 @@ from models.frontend import (
     Espeak,
     EspeakUnavailable,
     PhonemeVocab,
+    PristineEspeak,
     Utterance,
     normalize,
     split_sentences,
@@ -55,6 +56,15 @@ def test_synthesize_audio_and_starts(espeak: Espeak) -> None:
     assert all(0 <= s <= len(utt.audio) for s in utt.starts)
     assert utt.starts == sorted(utt.starts)
     assert utt.phonemes[:3] == ["D", "@2", "k"] and utt.phonemes[-2:] == ["_:", "_"]
+
+
+def test_frame_durations_split_the_audio_at_the_phoneme_starts() -> None:
+    audio = np.zeros(10 * 441 + 100, dtype=np.float32)  # 10 whole frames
+    utt = Utterance(audio=audio, phonemes=["_", "h", "@", "l", "oU"],
+                    starts=[300, 441 * 2 + 100, 441 * 2 + 300, 441 * 5, 441 * 12])
+    # the first phoneme takes the leading frames, starts round to the nearest frame (2.23 -> 2,
+    # 2.68 -> 3), a phoneme that starts past the end gets none
+    assert utt.frame_durations(441).tolist() == [2, 1, 2, 5, 0]
 
 
 def test_longer_text_gives_longer_audio_and_starts_reset(espeak: Espeak) -> None:
@@ -221,3 +231,21 @@ def test_vocab_covers_espeak(espeak: Espeak) -> None:
                      "Bach's loch, the rendezvous in Zürich; Björk sang 'Oh' quietly.")
     known = set(EN_US_PHONEMES)
     assert [p for p in espeak.phonemize(text) if p not in known] == []
+
+
+def test_pristine_espeak_timings_depend_on_the_text_alone(espeak: Espeak) -> None:
+    """In-process espeak-ng carries state from one text to the next (its phoneme starts move by a
+    few ms); PristineEspeak speaks each text from the same fresh state."""
+    pristine = PristineEspeak()
+    try:
+        first = pristine.synthesize(SENTENCES[0])
+        for text in SENTENCES[1:]:
+            espeak.synthesize(text)
+            pristine.synthesize(text)
+        again = pristine.synthesize(SENTENCES[0])
+        assert again.phonemes == first.phonemes == espeak.phonemize(SENTENCES[0])
+        assert again.starts == first.starts and np.array_equal(again.audio, first.audio)
+        with pytest.raises(RuntimeError, match="no voice"):
+            PristineEspeak("no-such-voice").synthesize("Hello.")
+    finally:
+        pristine.close()

@@ -9,6 +9,7 @@ import soundfile
 from engine.cli import main
 from engine.tts import TextToSpeech
 from engine.types import GenerationConfig
+from models.frontend import PristineEspeak, normalize
 
 BIG = 10**6
 
@@ -121,3 +122,47 @@ def test_phoneme_masks_cover_the_asked_share():
     # counting: phoneme 3 spoken for 2 frames (tokens 1, 1), phoneme 7 for 1 frame (token 2)
     c = interleaved.phoneme_token_counts(np.array([3, 7]), np.array([2, 1]), np.array([1, 1, 2]), 4)
     assert c[3].tolist() == [0, 2, 0, 0] and c[7].tolist() == [0, 0, 1, 0] and c.sum() == 3
+
+
+def test_frontend_durations_fix_every_phonemes_length(tiny_voice):
+    """phoneme_durations="frontend": each phoneme lasts exactly espeak-ng's frames for it, in every
+    mode, so the speech is as long as espeak-ng's; exact modes still equal plain."""
+    tts = TextToSpeech(tiny_voice, max_batch=4, phoneme_durations="frontend")
+    text = "Seven quick foxes, at 6:15."
+    plan = tts.plan(text)[0]
+    assert plan.durations is not None and len(plan.durations) == len(plan.phonemes)
+    assert sum(plan.durations) == len(PristineEspeak().synthesize(normalize(text)).audio) // 441
+    tts.plan("Something else entirely, spoken before it!")
+    assert tts.plan(text)[0].durations == plan.durations  # the text alone decides
+    lo, hi = tts.layout.phonemes
+    outs = {}
+    for decoding, accept in [("plain", "exact"), ("heads", "exact"), ("draft", "exact"),
+                             ("heads", "tolerance"), ("draft", "tolerance"), ("draft", "lossless")]:
+        cfg = tts.generation_config(plan, GenerationConfig(max_new_tokens=BIG, decoding=decoding,
+                                                           accept=accept, seed=3))
+        out = tts.engine.generate_batch([plan.prompt], [cfg], [tts.rule(plan)])[0]
+        assert out.finish_reason == "eos"
+        frames = []
+        for t in out.tokens:
+            if lo <= t < hi:
+                frames.append(0)
+            elif tts.layout.speech[0] <= t < tts.layout.speech[1]:
+                frames[-1] += 1
+        assert frames == plan.durations, (decoding, accept)
+        outs[decoding, accept] = out.tokens
+    assert outs["heads", "exact"] == outs["draft", "exact"] == outs["plain", "exact"]
+    # past the end of speech (where drafts may run on) the rule forces nothing: a chain of forced
+    # markers there once made a draft step verify thousands of rows
+    rule = tts.rule(plan)
+    state = rule.start()
+    for t in outs["plain", "exact"]:
+        state = rule.advance(state, t)
+    for _ in range(3):
+        assert rule.constraint(state).forced is None
+        state = rule.advance(state, tts.layout.eop)
+        state = rule.advance(state, rule.constraint(state).forced or tts.layout.eos)
+
+
+def test_phoneme_durations_must_be_known(tiny_voice):
+    with pytest.raises(ValueError, match="phoneme_durations"):
+        TextToSpeech(tiny_voice, phoneme_durations="teacher")

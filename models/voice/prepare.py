@@ -31,15 +31,6 @@ SHARD_SIZE = 1000
 VALID_FRACTION = 0.02
 
 
-def align(starts: list[int], frames: int) -> np.ndarray:
-    """Phoneme start samples -> frames per phoneme (summing to `frames`); the first phoneme takes any
-    leading frames. Zero-frame phonemes are allowed (a phoneme shorter than half a frame)."""
-    bounds = [min(round(s / HOP), frames) for s in starts] + [frames]
-    bounds[0] = 0
-    bounds = np.maximum.accumulate(np.asarray(bounds))
-    return np.diff(bounds).astype(np.int16)
-
-
 def synth_shard(job: tuple[list[str], Path]) -> int:
     """Synthesise one shard of sentences (runs in a worker process)."""
     from models.frontend import Espeak, PhonemeVocab, normalize
@@ -59,7 +50,7 @@ def synth_shard(job: tuple[list[str], Path]) -> int:
             mel.append(logmel(torch.from_numpy(wav)[None])[0].numpy().astype(np.float16))
         audio.append((np.clip(wav, -1, 1) * 32767).astype(np.int16))
         phonemes.append(np.asarray(vocab.to_ids(utt.phonemes), dtype=np.int16))
-        durations.append(align(utt.starts, frames))
+        durations.append(utt.frame_durations(HOP))
         texts.append(text)
     offsets = lambda xs: np.cumsum([0] + [len(x) for x in xs]).astype(np.int64)  # noqa: E731
     tmp = path.with_suffix(".tmp.npz")
