@@ -203,8 +203,6 @@ class Engine:
         for s, r in zip(seqs, room):
             if r < 0:
                 s.finish("cache")
-        # no more candidates than tokens the sequence may still add (a rule may force long chains)
-        room = [min(r, s.cfg.max_new_tokens - s.stats.tokens) for s, r in zip(seqs, room)]
         live = [b for b, s in enumerate(seqs) if not s.finished]
         if not live:
             return
@@ -304,8 +302,11 @@ class Engine:
                                       len(pending[b]) - 1, max_nodes=room[b])
         by_draft = [b for b, s in enumerate(seqs) if s.cfg.decoding == "draft"]
         if by_draft:
+            # a chain no longer than the tokens the sequence may still add (forced tokens join
+            # it without a draft forward, and a rule may force long runs)
             drafts = propose_drafts(self.draft, self.draft_cache, [seqs[b] for b in by_draft],
-                                    [room[b] for b in by_draft])
+                                    [min(room[b], seqs[b].cfg.max_new_tokens - seqs[b].stats.tokens)
+                                     for b in by_draft])
             for b, c in zip(by_draft, drafts):
                 cands[b] = c
         return cands

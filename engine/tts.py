@@ -1,8 +1,9 @@
 """Text to speech with a voice bundle: frontend -> interleaved speech LM (the engine) -> vocoder.
 
 Text is split into sentences; each sentence is normalised, phonemised by espeak-ng, decoded by the
-engine under the interleaved rule (phonemes forced, the model decides speech frames and phoneme ends),
-and its speech tokens are vocoded. Sentences are independent, so long text streams sentence by sentence.
+engine under the interleaved rule (phonemes forced; the model decides the speech frames, and where each
+phoneme ends unless espeak-ng's durations are forced: `phoneme_durations="frontend"`), and its speech
+tokens are vocoded. Sentences are independent, so long text streams sentence by sentence.
 """
 
 from __future__ import annotations

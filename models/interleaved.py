@@ -4,7 +4,8 @@
 
 The phoneme string first (global context), then each phoneme just before its own speech frames and an
 end-of-phoneme marker. At inference each phoneme and the final EOS are forced (`InterleavedRule`); the
-model decides only speech tokens and where each phoneme ends. Loss on speech tokens, EOP and EOS.
+model decides only speech tokens and where each phoneme ends (or, given durations such as espeak-ng's,
+only speech tokens: each marker is forced after its phoneme's frames). Loss on speech tokens, EOP and EOS.
 
 Token ids: control tokens, then a reserved block of phoneme ids (the phoneme vocabulary may grow,
 append-only, without moving the speech ids), then the speech tokens.

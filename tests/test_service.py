@@ -20,11 +20,22 @@ def tts(tiny_voice):
     return TextToSpeech(tiny_voice, max_batch=3)
 
 
-@pytest.fixture()
-def service(tts):
+@pytest.fixture(scope="module")
+def tts_frontend(tiny_voice):
+    """The same voice with espeak-ng's phoneme durations forced."""
+    return TextToSpeech(tiny_voice, max_batch=3, phoneme_durations="frontend")
+
+
+def started(tts) -> TTSService:
     svc = TTSService(tts, queue_size=2, first_chunk_frames=2, chunk_frames=5,
                      policy=Policy(adaptive=False))  # behaviour, not capacity
     svc.start()
+    return svc
+
+
+@pytest.fixture()
+def service(tts):
+    svc = started(tts)
     yield svc
     svc.stop()
 
@@ -35,13 +46,19 @@ async def collect(stream):
     return events, (np.concatenate(audio) if audio else np.zeros(0, np.float32))
 
 
-def test_streamed_audio_equals_offline(service, tts):
+@pytest.mark.parametrize("durations", ["model", "frontend"])
+def test_streamed_audio_equals_offline(durations, tts, tts_frontend):
     text = "Hello there. The train leaves at 6:15 tomorrow! Goodbye."
+    tts = tts if durations == "model" else tts_frontend
+    service = started(tts)
 
     async def main():
         return await collect(service.speak(text, CFG))
 
-    events, audio = asyncio.run(main())
+    try:
+        events, audio = asyncio.run(main())
+    finally:
+        service.stop()
     offline = tts.synthesize(text, CFG).audio
     assert len(audio) == len(offline)
     assert np.abs(audio - offline).max() < 1e-4

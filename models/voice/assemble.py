@@ -60,6 +60,9 @@ def main() -> None:
     ap.add_argument("--phoneme-coverage", type=float, default=0.99,
                     help="each phoneme may only use the speech tokens covering this share of its "
                          "training frames (1: no restriction)")
+    ap.add_argument("--phoneme-durations", choices=("model", "frontend"), default="frontend",
+                    help="the voice's default: espeak-ng's phoneme durations forced (frontend), or "
+                         "the LM's end-of-phoneme markers (model)")
     args = ap.parse_args()
 
     out = args.out
@@ -74,6 +77,7 @@ def main() -> None:
                  "tokens": {"phonemes": list(layout.phonemes), "speech": list(layout.speech),
                             "bos": layout.bos, "sep": layout.sep, "eop": layout.eop, "eos": layout.eos},
                  "max_frames_per_phoneme": max_frames_per_phoneme(args.data),
+                 "phoneme_durations": args.phoneme_durations,
                  "frontend": {"voice": "en-us", "phonemes": "phonemes.json"},
                  "tokenizer": {"codebook": "tokenizer.safetensors", "frame_rate": 50},
                  "vocoder": "vocoder"}
