@@ -30,7 +30,7 @@ from engine.rules import InterleavedRule, TokenRule
 from engine.threads import set_threads
 from engine.sampling import SamplingParams
 from engine.tree import default_accuracies, sparse_tree
-from engine.types import GenerationConfig
+from engine.types import DEFAULT_BETA, GenerationConfig
 from models.bundle import Bundle, load_bundle, random_bundle
 
 MODES = [  # name, decoding, accept
@@ -142,7 +142,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=30)
     ap.add_argument("--tau", type=int, default=2)
-    ap.add_argument("--beta", type=float, default=0.4)
+    ap.add_argument("--beta", type=float, default=DEFAULT_BETA)
     ap.add_argument("--min-ratio", type=float, default=GenerationConfig.min_ratio,
                     help="tolerance: share of the top token's probability a top-τ token needs")
     ap.add_argument("--gamma", type=int, default=4)

@@ -13,7 +13,7 @@ transcribes the audio, and the transcripts are scored against the text (corpus W
   bundle's vocoder (the ceiling that tokens + vocoder allow);
 * the TTS modes -- the whole voice (`engine.tts.TextToSpeech`): ``plain`` (plain decoding),
   ``heads-exact``, ``heads-tolerance`` (tau 2, ratio floor 0.5), ``draft`` (draft model, tolerance beta
-  0.4, top-2 support, ratio floor 0.5).
+  0.1, top-2 support, ratio floor 0.5).
   Modes the bundle has no parts for are skipped and listed as such.
 
 For the TTS modes it also reports the real-time factor (generation wall seconds, frontend and vocoder
@@ -48,7 +48,7 @@ MODES: dict[str, dict] = {
     "plain": {"decoding": "plain", "accept": "exact"},
     "heads-exact": {"decoding": "heads", "accept": "exact"},
     "heads-tolerance": {"decoding": "heads", "accept": "tolerance", "tau": 2, "min_ratio": 0.5},
-    "draft": {"decoding": "draft", "accept": "tolerance", "beta": 0.4, "tau": 2, "min_ratio": 0.5},
+    "draft": {"decoding": "draft", "accept": "tolerance", "beta": 0.1, "tau": 2, "min_ratio": 0.5},
 }
 ALL_SYSTEMS = (*REFERENCE_SYSTEMS, *MODES)
 MAX_DURATION_RATIO = 2.0  # the target: no sentence longer than twice espeak-ng's
@@ -324,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sentences", type=int, default=None, help="first N eval sentences (default: all)")
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    ap.add_argument("--text-file", type=Path, default=None,
+                    help="sentences to judge, one per line (default: the held-out evaluation set); "
+                         "e.g. a development set for choosing decoding settings")
     ap.add_argument("--systems", default=None, help=f"comma list of {','.join(ALL_SYSTEMS)} (default: all)")
     ap.add_argument("--modes", default=None, help=f"comma list of TTS modes ({','.join(MODES)}); "
                     "replaces the TTS modes of --systems")
@@ -337,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default=None,
                     help="who ends each phoneme: the LM (model) or espeak-ng (frontend); default: the bundle's")
     ap.add_argument("--tau", type=int, default=None, help="tolerance: top-τ (default 2)")
-    ap.add_argument("--beta", type=float, default=None, help="draft: SSD's β (default 0.4)")
+    ap.add_argument("--beta", type=float, default=None, help="draft: SSD's β (default 0.1)")
     ap.add_argument("--min-ratio", type=float, default=None,
                     help="tolerance: a top-τ token needs this share of the top one's probability")
     ap.add_argument("--dither", type=int, default=0,
@@ -359,7 +362,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from models.voice.corpus import load_eval_sentences
 
-    sentences = load_eval_sentences()
+    sentences = (load_eval_sentences() if args.text_file is None
+                 else [t for t in args.text_file.read_text(encoding="utf-8").splitlines() if t.strip()])
     if args.sentences is not None:
         sentences = sentences[:max(0, args.sentences)]
     try:

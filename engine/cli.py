@@ -8,7 +8,7 @@ import sys
 
 from engine.sampling import SamplingParams
 from server.cli import add_serve_parser, cmd_serve
-from engine.types import ACCEPTS, DECODINGS, GenerationConfig
+from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, GenerationConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,7 +29,7 @@ def add_generation_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept", default="exact", help="|".join(ACCEPTS))
     p.add_argument("--tau", type=int, default=2,
                    help="tolerance: top-τ / τ samples (heads), the support of greedy draft")
-    p.add_argument("--beta", type=float, default=0.4, help="draft + tolerance: SSD's β")
+    p.add_argument("--beta", type=float, default=DEFAULT_BETA, help="draft + tolerance: SSD's β")
     p.add_argument("--min-ratio", type=float, default=0.5,
                    help="greedy tolerance: a top-τ token needs this share of the top token's probability")
     p.add_argument("--gamma", type=int, default=4, help="draft: tokens drafted per round")

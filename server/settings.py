@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.scheduler import CAPACITY_MARGIN
 from engine.tts import DEFAULT_VOICE
-from engine.types import ACCEPTS, DECODINGS
+from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA
 
 Device = Literal["cpu", "cuda", "auto"]
 Decoding = Literal[("auto", *DECODINGS)]
@@ -42,7 +42,7 @@ class Settings(BaseSettings):
     accept: Accept = "exact"
     tau: int = Field(2, ge=1, description="tolerance: top-tau / tau samples (heads), "
                                           "the support of greedy draft")
-    beta: float = Field(0.4, ge=0, description="draft + tolerance: SSD's beta")
+    beta: float = Field(DEFAULT_BETA, ge=0, description="draft + tolerance: SSD's beta")
     min_ratio: float = Field(0.5, ge=0, le=1, description="greedy tolerance: a top-tau token needs "
                                                           "this share of the top token's probability")
     gamma: int = Field(4, ge=1, le=16, description="draft: tokens drafted per round")
