@@ -89,7 +89,6 @@ class TextToSpeech:
                              prefix_blocks=prefix_blocks)
         self.layout = bundle.tokens
         front = bundle.raw["frontend"]
-        self.espeak = Espeak(front.get("voice", "en-us"))
         self.phoneme_vocab = PhonemeVocab.load(Path(bundle_path) / front["phonemes"])
         self.vocoder = CausalVocos.load(Path(bundle_path) / bundle.raw["vocoder"], dev)
         self.sample_rate = self.vocoder.cfg.sample_rate
@@ -99,9 +98,10 @@ class TextToSpeech:
             raise ValueError(f"phoneme_durations must be one of {PHONEME_DURATIONS}, "
                              f"not {self.phoneme_durations!r}")
         self.hop = self.vocoder.cfg.hop  # espeak-ng and the vocoder share the sample rate
-        if self.phoneme_durations == "frontend":  # timings from the text alone, not from history
-            self.espeak = PristineEspeak(front.get("voice", "en-us"))
-            self.espeak.synthesize("")  # start its helper process now, not on the first request
+        # forced durations must depend on the text alone, not on what espeak-ng spoke before
+        self.espeak = (PristineEspeak if self.phoneme_durations == "frontend" else Espeak)(
+            front.get("voice", "en-us"))
+        self.espeak.synthesize("")  # fail (or start PristineEspeak's helper) now, not on a request
         self.name = bundle.raw.get("name", Path(bundle_path).name)
         self.phoneme_masks = None  # per phoneme id, its allowed (V,) mask; None: unconstrained
         entry = bundle.raw.get("phoneme_tokens")
