@@ -319,7 +319,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from engine.tts import PHONEME_DURATIONS
+    from engine.types import PHONEME_DURATIONS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sentences", type=int, default=None, help="first N eval sentences (default: all)")

@@ -8,7 +8,7 @@ import sys
 
 from engine.sampling import SamplingParams
 from server.cli import add_serve_parser, cmd_serve
-from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, GenerationConfig
+from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, PHONEME_DURATIONS, GenerationConfig
 
 
 class _Parser(argparse.ArgumentParser):
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     syn.add_argument("--threads", type=int, default=None, help="torch and BLAS threads")
     syn.add_argument("--json", action="store_true", help="print one JSON object per text")
-    syn.add_argument("--phoneme-durations", choices=("model", "frontend"), default=None,
+    syn.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default=None,
                      help="who ends each phoneme: the speech LM or espeak-ng (default: the voice's)")
     add_generation_flags(syn)
     syn.set_defaults(max_new_tokens=10**6)

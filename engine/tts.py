@@ -16,12 +16,11 @@ import numpy as np
 import torch
 
 from engine.engine import Engine, resolve_device
-from engine.types import GenerationConfig, GenerationStats
+from engine.types import PHONEME_DURATIONS, GenerationConfig, GenerationStats
 from models import interleaved
 from models.bundle import load_bundle
 
 DEFAULT_VOICE = Path(__file__).resolve().parents[1] / "models" / "default_voice"
-PHONEME_DURATIONS = ("model", "frontend")
 
 
 @dataclass

@@ -18,6 +18,7 @@ DECODINGS = ("plain", "heads", "draft")
 ACCEPTS = ("exact", "tolerance", "lossless")
 
 
+PHONEME_DURATIONS = ("model", "frontend")  # who ends each phoneme: the speech LM, or espeak-ng
 DEFAULT_BETA = 0.1  # SSD's β for draft + tolerance; chosen on a development set, not the held-out one
 
 

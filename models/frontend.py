@@ -147,13 +147,18 @@ class _Library:
             i += 1
         return 0  # 0 = go on synthesising
 
+    def set_voice(self, voice: str) -> None:
+        """Select `voice` (a no-op when it is current); ValueError when espeak-ng has none such.
+        Call under `lock`."""
+        if voice != self.voice:
+            if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
+                raise ValueError(f"espeak-ng has no voice {voice!r}")
+            self.voice = voice
+
     def synthesize(self, text: str, voice: str) -> tuple[bytes, list[tuple[str, int]]]:
         data = text.replace("\0", " ").encode("utf-8", "ignore") + b"\0"
         with self.lock:
-            if voice != self.voice:
-                if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-                    raise ValueError(f"espeak-ng has no voice {voice!r}")
-                self.voice = voice
+            self.set_voice(voice)
             chunks, events = self._chunks, self._events = [], []
             self.libc.srand(0)  # espeak-ng draws breath noise from libc rand()
             err = self.lib.espeak_Synth(data, len(data), 0, _POS_CHARACTER, 0, _CHARS_UTF8, None, None)
@@ -259,11 +264,12 @@ def _pristine_helper(voice: str) -> None:
     """The loop of `PristineEspeak`'s helper process: one JSON text per stdin line."""
     lib = _get_library()
     out = sys.stdout.buffer
-    if lib.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-        out.write(json.dumps({"error": f"espeak-ng has no voice {voice!r}"}).encode() + b"\n")
+    try:
+        lib.set_voice(voice)  # selecting a voice speaks nothing: the state stays fresh
+    except ValueError as e:
+        out.write(json.dumps({"error": str(e)}).encode() + b"\n")
         out.flush()
         return
-    lib.voice = voice
     for line in sys.stdin.buffer:
         pid = os.fork()
         if pid == 0:  # the child speaks from the helper's untouched state, answers, and exits

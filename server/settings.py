@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.scheduler import CAPACITY_MARGIN
 from engine.tts import DEFAULT_VOICE
-from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA
+from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, PHONEME_DURATIONS
 
 Device = Literal["cpu", "cuda", "auto"]
 Decoding = Literal[("auto", *DECODINGS)]
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     phoneme_coverage: float | None = Field(None, gt=0, description="speech tokens allowed after "
                                            "each phoneme: those covering this share of its training "
                                            "frames (unset: the bundle's; 1: no constraint)")
-    phoneme_durations: Literal["model", "frontend"] | None = Field(
+    phoneme_durations: Literal[PHONEME_DURATIONS] | None = Field(
         None, description="who ends each phoneme: the speech LM ('model') or espeak-ng's timing "
                           "('frontend', forced); unset: the bundle's")
     request_timeout_s: float = Field(300.0, gt=0, description="a request still generating after "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from engine.types import PHONEME_DURATIONS
 from models import interleaved
 from models.frontend import PhonemeVocab
 from models.llama import LlamaForCausalLM
@@ -60,7 +61,7 @@ def main() -> None:
     ap.add_argument("--phoneme-coverage", type=float, default=0.99,
                     help="each phoneme may only use the speech tokens covering this share of its "
                          "training frames (1: no restriction)")
-    ap.add_argument("--phoneme-durations", choices=("model", "frontend"), default="frontend",
+    ap.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default="frontend",
                     help="the voice's default: espeak-ng's phoneme durations forced (frontend), or "
                          "the LM's end-of-phoneme markers (model)")
     args = ap.parse_args()
