@@ -29,7 +29,6 @@ from engine.kv_cache import KVCache
 from engine.rules import InterleavedRule, TokenRule
 from engine.threads import set_threads
 from engine.sampling import SamplingParams
-from engine.tree import default_accuracies, sparse_tree
 from engine.types import DEFAULT_BETA, GenerationConfig
 from models.bundle import Bundle, load_bundle, random_bundle
 
@@ -183,9 +182,7 @@ def main() -> None:
             results[name + suffix] = run_mode(e, prompts, cfg)
     for n in [int(x) for x in args.tree_nodes.split(",") if x]:
         for accept in ("exact", "tolerance"):
-            acc = engine.bundle.heads_spec.accuracies if accept == "exact" else (
-                engine.bundle.heads_spec.accuracies_tolerance or engine.bundle.heads_spec.accuracies)
-            tree = tuple(sparse_tree(acc or default_accuracies(engine.heads.num_heads), n))
+            tree = tuple(engine.heads_tree(accept, n))
             cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, decoding="heads",
                                    accept=accept, tau=args.tau, tree=tree, seed=0,
                                    min_ratio=args.min_ratio,

@@ -172,24 +172,26 @@ def main() -> None:
     levels = [int(x) for x in args.clients.split(",")]
     modes = args.modes.split(",")
     sentences = load_eval_sentences()
-    rows = []
+    rows, chosen = [], None
     bar = tqdm(total=len(levels) * len(modes), desc="load levels")
     for mode in modes:
         server, port = serve(args, args.max_batch if mode == "batched" else 1)
         try:
+            chosen = httpx.get(f"http://127.0.0.1:{port}/ready").json().get("default")
             voices = httpx.get(f"http://127.0.0.1:{port}/v1/audio/voices").json()["voices"]
             rate = int(voices[0].get("sample_rate", 22050))
             url = f"ws://127.0.0.1:{port}/v1/audio/speech/stream"
             for n in levels:
                 row = asyncio.run(run_level(url, n, args.requests_per_client, sentences, rate,
                                             args.retry))
-                rows.append({"mode": mode, **row})
+                rows.append({"mode": mode, "default": chosen, **row})
                 bar.update()
         finally:
             server.terminate()
             server.wait(timeout=30)
     bar.close()
-    print(f"\nserver: {args.threads} torch thread(s), decoding {args.decoding}/{args.accept}; "
+    print(f"\nserver: {args.threads} torch thread(s), decoding {args.decoding}/{args.accept} "
+          f"({chosen}); "
           f"batched = --max-batch {args.max_batch}, single = --max-batch 1; "
           f"{args.requests_per_client} sentences per client, refused sessions "
           f"{'retried after retry_after' if args.retry else 'dropped'}")

@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 
 from engine.draft_proposer import chain, pad_blocks, propose_drafts
-from engine.heads_proposer import build_tree
+from engine.heads_proposer import build_tree, max_ranks
 from engine.kv_cache import KVCache
 from engine.prefix_cache import PrefixCache
 from engine.rules import NoRule, TokenRule
 from engine.sequence import Sequence
 from engine.speculative import Candidates, verify
 from engine.tree import default_accuracies, sparse_tree, validate_shape
-from engine.types import GenerationConfig, GenerationResult
+from engine.types import ACCEPTS, GenerationConfig, GenerationResult
 from models.bundle import Bundle, load_bundle
 
 
@@ -96,17 +96,23 @@ class Engine:
         self.default_trees: dict[str, list] = {}  # accept rule -> tree shape
         if self.heads is not None:
             spec = bundle.heads_spec
-            exact = spec.accuracies or default_accuracies(spec.num_heads)
-            for accept, acc in (("exact", exact), ("lossless", exact),
-                                ("tolerance", spec.accuracies_tolerance or exact)):
+            for accept in ACCEPTS:
                 self.default_trees[accept] = (validate_shape(spec.tree, spec.num_heads) if spec.tree
-                                              else sparse_tree(acc, spec.tree_nodes))
+                                              else self.heads_tree(accept, spec.tree_nodes))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", max_batch: int = 8,
              max_len: int = 2048, prefix_blocks: int = 0, numpy_decode: bool = True) -> Engine:
         return cls(load_bundle(path, resolve_device(device)), max_batch=max_batch, max_len=max_len,
                    prefix_blocks=prefix_blocks, numpy_decode=numpy_decode)
+
+    def heads_tree(self, accept: str, nodes: int) -> list:
+        """The sparse tree of `nodes` candidates with the most expected accepted tokens, from the
+        heads' measured accuracies under this accept rule (tolerance accepts more)."""
+        spec = self.bundle.heads_spec
+        exact = spec.accuracies or default_accuracies(spec.num_heads)
+        return sparse_tree(spec.accuracies_tolerance or exact if accept == "tolerance" else exact,
+                           nodes)
 
     # --- public calls -------------------------------------------------------------------------
     def generate(self, prompt: list[int], cfg: GenerationConfig = GenerationConfig(),
@@ -293,11 +299,15 @@ class Engine:
         by_heads = [b for b, s in enumerate(seqs)
                     if s.cfg.decoding == "heads" and s.last_hidden is not None and room[b] > 0]
         if by_heads:
-            head_logits = self.heads(torch.stack([seqs[b].last_hidden for b in by_heads])).cpu()
-            for i, b in enumerate(by_heads):
+            shapes = [list(seqs[b].cfg.tree) if seqs[b].cfg.tree is not None
+                      else self.default_trees[seqs[b].cfg.accept] for b in by_heads]
+            # the deepest head any tree reaches from its root (the last pending token)
+            reach = max(len(pending[b]) - 1 + len(max_ranks(tuple(shape)))
+                        for b, shape in zip(by_heads, shapes))
+            head_logits = self.heads(torch.stack([seqs[b].last_hidden for b in by_heads]),
+                                     reach).cpu()
+            for i, (b, shape) in enumerate(zip(by_heads, shapes)):
                 s = seqs[b]
-                shape = (list(s.cfg.tree) if s.cfg.tree is not None
-                         else self.default_trees[s.cfg.accept])
                 cands[b] = build_tree(head_logits[i], shape, s.rule, s.end_state,
                                       len(pending[b]) - 1, max_nodes=room[b])
         by_draft = [b for b, s in enumerate(seqs) if s.cfg.decoding == "draft"]

@@ -58,12 +58,14 @@ class DraftHeads(nn.Module):
                              kernels.stacked(h.out.weight for h in self.heads))  # (K, V, D)
         return self
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (B, D) -> logits (B, K, V); [:, k] predicts the token k+1 places after the next."""
+    def forward(self, hidden: torch.Tensor, count: int | None = None) -> torch.Tensor:
+        """hidden (B, D) -> logits (B, K, V); [:, k] predicts the token k+1 places after the next.
+        count: run only the first `count` heads (K = count): a small tree reaches only so deep."""
+        k = self.num_heads if count is None else max(1, min(count, self.num_heads))
         if (self.compiled is not None and not torch.is_grad_enabled()
                 and hidden.device.type == "cpu" and hidden.dtype == torch.float32):
-            w_block, b_block, w_out = self.compiled
-            out = np.empty((len(w_block), len(hidden), len(w_out[0])), np.float32)  # (K, B, V)
+            w_block, b_block, w_out = (w[:k] for w in self.compiled)
+            out = np.empty((k, len(hidden), len(w_out[0])), np.float32)  # (K, B, V)
             kernels.draft_heads(np.ascontiguousarray(hidden.numpy()), w_block, b_block, w_out, out)
             return torch.from_numpy(out).transpose(0, 1)
-        return torch.stack([head(hidden) for head in self.heads], dim=1).float()
+        return torch.stack([head(hidden) for head in self.heads[:k]], dim=1).float()

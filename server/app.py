@@ -19,14 +19,15 @@ from engine.service import TTSService
 from server import errors, routes_http, routes_ws
 from server.middleware import ServerMiddleware
 from server.settings import Settings
-from server.speech import ServerState, default_config
+from engine.types import GenerationConfig
+from server.speech import CALIBRATION_TEXT, ServerState, default_config
 
 log = logging.getLogger("spectts.server")
-CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests for a while."
 
 
-def load_service(settings: Settings) -> TTSService:
-    """Load the voice, warm it up and start the engine thread (blocking: run it in a thread)."""
+def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
+    """Load the voice, resolve its default decoding ("auto" measures), warm it up and start the
+    engine thread (blocking: run it in a thread)."""
     import sys
 
     import torch
@@ -54,16 +55,18 @@ def load_service(settings: Settings) -> TTSService:
                          prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget,
                          capacity_margin=settings.capacity_margin)
     # the warm-up: seeds admission control's model, and checks the default decoding on this bundle
-    service.calibrate(CALIBRATION_TEXT, default_config(settings, tts))
+    cfg = default_config(settings, tts)
+    service.calibrate(CALIBRATION_TEXT, cfg)
     service.start()
     log.info("voice %r loaded from %s on %s (%s torch threads)", tts.name, settings.bundle, device,
              torch.get_num_threads())
-    return service
+    return service, cfg
 
 
 async def _load(state: ServerState) -> None:
     try:
-        state.attach(await asyncio.to_thread(load_service, state.settings), owned=True)
+        service, cfg = await asyncio.to_thread(load_service, state.settings)
+        state.attach(service, owned=True, cfg=cfg)
     except Exception as exc:  # noqa: BLE001 — reported by /health and /ready
         log.exception("loading the voice failed")
         state.load_error = exc

@@ -19,7 +19,7 @@ from server import errors
 from server.audio import CONTENT_TYPES, StreamEncoder, encode
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.schemas import STREAM_FORMATS, SpeechRequest
-from server.speech import Guard, ServerState, get_state, start_speech
+from server.speech import Guard, ServerState, describe, get_state, start_speech
 
 log = logging.getLogger("spectts.server")
 router = APIRouter()
@@ -197,7 +197,8 @@ async def ready(state: ServerState = Depends(get_state)) -> JSONResponse:
     if state.service is None:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ready", "model": state.voice,
-                         "sample_rate": state.service.tts.sample_rate})
+                         "sample_rate": state.service.tts.sample_rate,
+                         "default": describe(state.default_cfg, state.service.tts)})
 
 
 @router.get("/metrics", response_class=Response)

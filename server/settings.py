@@ -37,8 +37,8 @@ class Settings(BaseSettings):
     max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")
 
     # --- default decoding (a request may override each) -----------------------------------------
-    decoding: Decoding = Field("auto", description="auto: heads if the bundle has them, else draft, "
-                                                   "else plain")
+    decoding: Decoding = Field("auto", description="auto: the fastest decoding on this machine "
+                                                   "(and heads tree), measured at start")
     accept: Accept = "exact"
     tau: int = Field(2, ge=1, description="tolerance: top-tau / tau samples (heads), "
                                           "the support of greedy draft")

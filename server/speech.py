@@ -4,12 +4,14 @@ GenerationConfig, starting a stream off the event loop, and stopping it on timeo
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field, replace
 
 from fastapi.requests import HTTPConnection
 from starlette.requests import Request
 
+from engine.autotune import auto_config
 from engine.sampling import SamplingParams
 from engine.service import SpeechStream, TTSService
 from engine.tts import TextToSpeech
@@ -21,18 +23,33 @@ from server.schemas import MODEL_ALIASES, OPENAI_VOICES, SpeechOptions
 from server.settings import Settings
 
 MAX_NEW_TOKENS = 10**6  # per request; TextToSpeech caps every sentence by its phonemes
+# the warm-up sentence: seeds admission control's model and measures decoding "auto"
+CALIBRATION_TEXT = "The quick brown fox jumps over the lazy dog, and then it rests for a while."
+log = logging.getLogger("spectts.server")
 
 
 def default_config(settings: Settings, tts: TextToSpeech) -> GenerationConfig:
-    """The server's decoding defaults; decoding "auto" picks heads, else draft, else plain."""
-    decoding = settings.decoding
-    if decoding == "auto":
-        engine = tts.engine
-        decoding = "heads" if engine.heads is not None else "draft" if engine.draft else "plain"
-    return GenerationConfig(max_new_tokens=MAX_NEW_TOKENS, decoding=decoding, accept=settings.accept,
-                            tau=settings.tau, beta=settings.beta, gamma=settings.gamma,
-                            min_ratio=settings.min_ratio,
-                            sampling=SamplingParams(temperature=settings.temperature))
+    """The server's decoding defaults. Decoding "auto": the fastest decoding (and heads tree) on this
+    machine, measured on CALIBRATION_TEXT (`engine.autotune`; a few seconds)."""
+    auto = settings.decoding == "auto"
+    cfg = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS,
+                           decoding="plain" if auto else settings.decoding, accept=settings.accept,
+                           tau=settings.tau, beta=settings.beta, gamma=settings.gamma,
+                           min_ratio=settings.min_ratio,
+                           sampling=SamplingParams(temperature=settings.temperature))
+    if auto:
+        cfg, measured = auto_config(tts, CALIBRATION_TEXT, cfg)
+        log.info("decoding auto: %s (%s)", describe(cfg, tts),
+                 ", ".join(f"{m.label} {m.tokens_per_s:.0f}" for m in measured) + " tokens/s")
+    return cfg
+
+
+def describe(cfg: GenerationConfig, tts: TextToSpeech) -> dict:
+    """The default decoding as /ready reports it."""
+    out = {"decoding": cfg.decoding, "accept": cfg.accept}
+    if cfg.decoding == "heads":
+        out["tree_nodes"] = len(cfg.tree or tts.engine.default_trees[cfg.accept])
+    return out
 
 
 @dataclass
@@ -50,8 +67,9 @@ class ServerState:
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: self.service)
 
-    def attach(self, service: TTSService, owned: bool) -> None:
-        self.default_cfg = default_config(self.settings, service.tts)
+    def attach(self, service: TTSService, owned: bool, cfg: GenerationConfig | None = None) -> None:
+        """cfg: the default decoding when already resolved (else `default_config`)."""
+        self.default_cfg = cfg or default_config(self.settings, service.tts)
         self.service, self.owns_service = service, owned
 
     def require(self) -> TTSService:

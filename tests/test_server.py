@@ -213,7 +213,9 @@ def test_models_voices_health_ready(client):
     voices = client.get("/v1/audio/voices").json()["voices"]
     assert voices[0]["id"] == "tiny" and "alloy" in voices[0]["aliases"]
     assert client.get("/health").json() == {"status": "ok"}
-    assert client.get("/ready").status_code == 200
+    ready = client.get("/ready")
+    assert ready.status_code == 200
+    assert ready.json()["default"] == {"decoding": "heads", "accept": "exact", "tree_nodes": 64}
 
 
 # --- WebSocket ----------------------------------------------------------------------------------
@@ -643,3 +645,12 @@ def test_schemathesis_finds_no_server_errors(live):
             check()
     assert not failures, failures[:3]
     assert len(calls) >= 40 and any(c == 200 for c in calls) and any(c == 400 for c in calls)
+
+
+def test_auto_decoding_is_measured_at_start(tiny_voice, settings):
+    """decoding "auto": the server's default is the fastest decoding measured on this machine, with
+    the fastest heads tree for requests that ask for heads (tests/test_autotune.py)."""
+    tts = TextToSpeech(tiny_voice, max_batch=3)
+    cfg = default_config(Settings(**{**settings.model_dump(), "decoding": "auto"}), tts)
+    assert cfg.decoding in ("plain", "heads", "draft") and cfg.accept == "exact"
+    assert cfg.tree is not None and len(cfg.tree) in (2, 4, 8, 64)
