@@ -26,9 +26,10 @@ if TYPE_CHECKING:
 
 TREE_SIZES = (2, 4, 8)  # heads trees tried besides the bundle's own (smaller ones only)
 # speculation must be this much faster than plain alone to be chosen: under concurrent load its
-# candidate rows make every batched forward dearer, and a choice inside the noise of a shared
-# machine would flip from one start to the next
-SPECULATION_MARGIN = 1.1
+# candidate rows make every batched forward dearer (shipped voice, AVX-512 EPYC, LM alone: heads with
+# a 2-node tree 1.11x plain for one sentence, 0.87x for 16 at once), and a choice inside the noise of
+# a shared machine would flip from one start to the next (2-node tree 1.06-1.16x plain in 3 starts)
+SPECULATION_MARGIN = 1.2
 
 
 @dataclass(frozen=True)
