@@ -5,12 +5,12 @@ forward of k rows costs about one row's time where a forward is bound by reading
 GPU; an older CPU whose cache does not hold the model), and about k times as much where the weights
 stay in cache and the multiply-adds are the cost. On the shipped voice, one thread: an AVX2 EPYC
 ran heads with a 4-node tree at 1.43x plain and a 16-node tree at 0.95x; an AVX-512 EPYC ran a
-2-node tree at 1.08-1.14x and the 16-node tree at 0.52x (`spectts bench engine --tree-nodes`).
+2-node tree at 0.96-1.14x and the 16-node tree at 0.45-0.56x (`spectts bench engine --tree-nodes`).
 
 So "auto" decodes one sentence with every candidate — plain, heads with the bundle's tree and smaller
 ones, draft — round-robin, a few rounds, and keeps the highest median tokens/s (speculation only if
-it beats plain by `SPECULATION_MARGIN`). With `exact`
-acceptance every candidate gives plain's tokens, so the choice changes speed, never the audio.
+it beats plain by `SPECULATION_MARGIN`). With `exact` acceptance every candidate gives plain's
+tokens, so the choice changes speed, never the audio.
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ class Engine:
         heads' measured accuracies under this accept rule (tolerance accepts more)."""
         spec = self.bundle.heads_spec
         exact = spec.accuracies or default_accuracies(spec.num_heads)
-        return sparse_tree(spec.accuracies_tolerance or exact if accept == "tolerance" else exact,
+        return sparse_tree((spec.accuracies_tolerance or exact) if accept == "tolerance" else exact,
                            nodes)
 
     # --- public calls -------------------------------------------------------------------------

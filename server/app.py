@@ -16,10 +16,10 @@ from fastapi import FastAPI
 
 from engine.scheduler import Policy
 from engine.service import TTSService
+from engine.types import GenerationConfig
 from server import errors, routes_http, routes_ws
 from server.middleware import ServerMiddleware
 from server.settings import Settings
-from engine.types import GenerationConfig
 from server.speech import CALIBRATION_TEXT, ServerState, default_config
 
 log = logging.getLogger("spectts.server")
