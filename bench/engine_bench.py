@@ -182,7 +182,7 @@ def main() -> None:
             results[name + suffix] = run_mode(e, prompts, cfg)
     for n in [int(x) for x in args.tree_nodes.split(",") if x]:
         for accept in ("exact", "tolerance"):
-            tree = tuple(engine.heads_tree(accept, n))
+            tree = engine.heads_tree(accept, n)
             cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, decoding="heads",
                                    accept=accept, tau=args.tau, tree=tree, seed=0,
                                    min_ratio=args.min_ratio,

@@ -46,7 +46,7 @@ def candidates(tts: TextToSpeech, cfg: GenerationConfig) -> list[tuple[str, Gene
     if engine.heads is not None:
         default = len(engine.default_trees[cfg.accept])
         for n in sorted({default, *(n for n in TREE_SIZES if n < default)}):
-            tree = tuple(engine.heads_tree(cfg.accept, n))
+            tree = engine.heads_tree(cfg.accept, n)
             out.append((f"heads {n} nodes", replace(cfg, decoding="heads", tree=tree)))
     if engine.draft is not None:
         out.append(("draft", replace(cfg, decoding="draft", tree=None)))

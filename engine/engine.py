@@ -93,12 +93,12 @@ class Engine:
         if bundle.tokens is not None:
             eos.add(bundle.tokens.eos)
         self.eos = frozenset(eos)
-        self.default_trees: dict[str, list] = {}  # accept rule -> tree shape
+        self.default_trees: dict[str, tuple[tuple[int, ...], ...]] = {}  # accept rule -> tree shape
         if self.heads is not None:
             spec = bundle.heads_spec
             for accept in ACCEPTS:
-                self.default_trees[accept] = (validate_shape(spec.tree, spec.num_heads) if spec.tree
-                                              else self.heads_tree(accept, spec.tree_nodes))
+                self.default_trees[accept] = (tuple(validate_shape(spec.tree, spec.num_heads))
+                                              if spec.tree else self.heads_tree(accept, spec.tree_nodes))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", max_batch: int = 8,
@@ -106,13 +106,13 @@ class Engine:
         return cls(load_bundle(path, resolve_device(device)), max_batch=max_batch, max_len=max_len,
                    prefix_blocks=prefix_blocks, numpy_decode=numpy_decode)
 
-    def heads_tree(self, accept: str, nodes: int) -> list:
+    def heads_tree(self, accept: str, nodes: int) -> tuple[tuple[int, ...], ...]:
         """The sparse tree of `nodes` candidates with the most expected accepted tokens, from the
         heads' measured accuracies under this accept rule (tolerance accepts more)."""
         spec = self.bundle.heads_spec
         exact = spec.accuracies or default_accuracies(spec.num_heads)
-        return sparse_tree((spec.accuracies_tolerance or exact) if accept == "tolerance" else exact,
-                           nodes)
+        return tuple(sparse_tree((spec.accuracies_tolerance or exact) if accept == "tolerance"
+                                 else exact, nodes))
 
     # --- public calls -------------------------------------------------------------------------
     def generate(self, prompt: list[int], cfg: GenerationConfig = GenerationConfig(),
@@ -299,7 +299,7 @@ class Engine:
         by_heads = [b for b, s in enumerate(seqs)
                     if s.cfg.decoding == "heads" and s.last_hidden is not None and room[b] > 0]
         if by_heads:
-            shapes = [list(seqs[b].cfg.tree) if seqs[b].cfg.tree is not None
+            shapes = [seqs[b].cfg.tree if seqs[b].cfg.tree is not None
                       else self.default_trees[seqs[b].cfg.accept] for b in by_heads]
             # the deepest head any tree reaches from its root (the last pending token)
             reach = max(len(pending[b]) - 1 + len(max_ranks(tuple(shape)))

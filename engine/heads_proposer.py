@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Hashable
+from typing import Hashable, Sequence
 
 import torch
 
@@ -23,7 +23,7 @@ def max_ranks(shape: tuple[Path, ...]) -> list[int]:
     return out
 
 
-def build_tree(head_logits: torch.Tensor, shape: list[Path], rule: TokenRule,
+def build_tree(head_logits: torch.Tensor, shape: Sequence[Path], rule: TokenRule,
                root_state: Hashable, offset: int, max_nodes: int | None = None) -> Candidates:
     """head_logits (K, V) float32 CPU, from the hidden state that chose the first pending token;
     head k (1-based) proposes the token k places after it. The root is the last pending token, `offset`
@@ -33,7 +33,7 @@ def build_tree(head_logits: torch.Tensor, shape: list[Path], rule: TokenRule,
     the rule allows at that node; a path deeper than the heads reach is dropped. `max_nodes`: stop
     after that many candidates (the same first nodes as the whole tree's)."""
     num_heads = head_logits.shape[0]
-    need = max_ranks(tuple(shape))  # once per tree shape, not per step
+    need = max_ranks(tuple(shape))  # once per tree shape, not per step (a tuple is its own tuple)
     ranked: dict[tuple[int, int], list[int]] = {}  # (head, id of allowed mask) -> tokens by rank
     cands = Candidates()
     node_of: dict[Path, int] = {(): -1}
