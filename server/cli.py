@@ -1,89 +1,166 @@
-"""`spectts serve` (and `python -m server`): run the HTTP/WebSocket server.
-
-Every flag is optional: an unset flag leaves the setting to its SPECTTS_* environment variable, then
-to the default in `server.settings.Settings`. This module imports nothing heavy at import time, so
-`spectts synth` does not pay for the server's dependencies.
-"""
+"""`spectts` command line. `spectts generate` runs the engine core on token ids."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-_FLAGS: list[tuple[str, dict]] = [
-    ("--host", {"help": "bind address (default 127.0.0.1; 0.0.0.0 in the container)"}),
-    ("--port", {"type": int, "help": "TCP port (default 8000)"}),
-    ("--bundle", {"help": "voice bundle directory (default: the shipped voice)"}),
-    ("--device", {"choices": ("cpu", "cuda", "auto"), "help": "default auto"}),
-    ("--threads", {"type": int, "help": "torch threads (default 1 on CPU)"}),
-    ("--max-len", {"type": int, "help": "KV cache length per sequence (default 4096)"}),
-    ("--decoding", {"help": "default decoding: auto | plain | heads | draft"}),
-    ("--accept", {"help": "default acceptance: exact | tolerance | lossless"}),
-    ("--tau", {"type": int, "help": "tolerance: top-tau (default 2)"}),
-    ("--min-ratio", {"type": float, "help": "greedy tolerance: a top-tau token needs this share of "
-                                            "the top token's probability (default 0.5)"}),
-    ("--beta", {"type": float, "help": "draft + tolerance: SSD's beta (default 0.4)"}),
-    ("--gamma", {"type": int, "help": "draft: tokens drafted per round (default 4)"}),
-    ("--temperature", {"type": float, "help": "default sampling temperature (0: greedy)"}),
-    ("--max-input-chars", {"type": int, "help": "longest input text (default 4096)"}),
-    ("--max-batch", {"type": int, "help": "requests decoded together (default 16; 1: one at a "
-                                          "time)"}),
-    ("--queue-size", {"type": int, "help": "requests waiting beyond the batch (default 64)"}),
-    ("--max-queue-wait", {"type": float, "dest": "max_queue_wait_s",
-                          "help": "refuse new requests (503) once the oldest waiting one has "
-                                  "waited this long (default 2 s)"}),
-    ("--no-admission-control", {"action": "store_const", "const": False,
-                                "dest": "admission_control",
-                                "help": "refuse only when the queue is full or old, never from "
-                                        "the measured load"}),
-    ("--prefill-chunk", {"type": int, "help": "prompt tokens prefilled per step (default 64)"}),
-    ("--row-budget", {"type": int, "help": "speculative rows per step across the batch "
-                                           "(default 64; 0: no cap)"}),
-    ("--first-chunk-frames", {"type": int, "help": "speech frames (20 ms) in a sentence's first "
-                                                   "audio chunk (default 4)"}),
-    ("--chunk-frames", {"type": int, "help": "largest audio chunk in frames (default 40)"}),
-    ("--capacity-margin", {"type": float, "help": "admit streams while each is generated this "
-                                                  "much faster than real time (default 1.5)"}),
-    ("--prefix-cache-blocks", {"type": int, "help": "16-token prompt blocks kept for reuse "
-                                                    "(default 256; 0: off)"}),
-    ("--request-timeout", {"type": float, "dest": "request_timeout_s",
-                           "help": "seconds before a request is cancelled (default 300)"}),
-    ("--api-key", {"help": "require 'Authorization: Bearer KEY' (prefer SPECTTS_API_KEY: flags "
-                           "show in the process list)"}),
-    ("--log-level", {"choices": ("critical", "error", "warning", "info", "debug")}),
-]
+from engine.sampling import SamplingParams
+from server.cli import add_serve_parser, cmd_serve
+from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, PHONEME_DURATIONS, GenerationConfig
 
 
-def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    for flag, kwargs in _FLAGS:
-        parser.add_argument(flag, default=None, **kwargs)
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one clear line, exit code 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    """Add `serve` to the `spectts` subcommands."""
-    parser = subparsers.add_parser("serve", help="serve the OpenAI-compatible speech API "
-                                                 "(HTTP and WebSocket)")
-    add_serve_flags(parser)
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+
+
+def add_generation_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--decoding", default="plain", help="|".join(DECODINGS))
+    p.add_argument("--accept", default="exact", help="|".join(ACCEPTS))
+    p.add_argument("--tau", type=int, default=2,
+                   help="tolerance: top-τ / τ samples (heads), the support of greedy draft")
+    p.add_argument("--beta", type=float, default=DEFAULT_BETA, help="draft + tolerance: SSD's β")
+    p.add_argument("--min-ratio", type=float, default=0.5,
+                   help="greedy tolerance: a top-τ token needs this share of the top token's probability")
+    p.add_argument("--gamma", type=int, default=4, help="draft: tokens drafted per round")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-window", type=int, default=64)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def generation_config(args: argparse.Namespace) -> GenerationConfig:
+    return GenerationConfig(
+        max_new_tokens=args.max_new_tokens, decoding=args.decoding, accept=args.accept,
+        tau=args.tau, beta=args.beta, gamma=args.gamma, seed=args.seed, min_ratio=args.min_ratio,
+        sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                repetition_penalty=args.repetition_penalty,
+                                repetition_window=args.repetition_window))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="spectts", description="SpecTTS: speculative-decoding TTS engine")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    gen = sub.add_parser("generate", help="generate token ids from prompt token ids")
+    gen.add_argument("--bundle", required=True, help="bundle or Hugging Face Llama directory")
+    gen.add_argument("--prompt-ids", type=_ids, required=True, help="e.g. 1,2,3")
+    gen.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    gen.add_argument("--threads", type=int, default=None, help="torch and BLAS threads")
+    gen.add_argument("--max-len", type=int, default=2048, help="KV cache length per sequence")
+    gen.add_argument("--json", action="store_true", help="print one JSON object")
+    add_generation_flags(gen)
+
+    syn = sub.add_parser("synth", help="text to a WAV file with a voice bundle")
+    syn.add_argument("text", nargs="?", help="the text to speak")
+    syn.add_argument("-o", "--output", default="out.wav", help="WAV file (single text)")
+    syn.add_argument("--text-file", help="one text per line; writes OUT_DIR/000.wav, 001.wav, …")
+    syn.add_argument("--out-dir", default="synth_out")
+    syn.add_argument("--bundle", default=None, help="voice bundle (default: the shipped voice)")
+    syn.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    syn.add_argument("--threads", type=int, default=None, help="torch and BLAS threads")
+    syn.add_argument("--json", action="store_true", help="print one JSON object per text")
+    syn.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default=None,
+                     help="who ends each phoneme: the speech LM or espeak-ng (default: the voice's)")
+    add_generation_flags(syn)
+    syn.set_defaults(max_new_tokens=10**6)
+    add_serve_parser(sub)
+
+    ben = sub.add_parser("bench", help="run a benchmark: engine | load | voice (bench/*.py); "
+                                       "arguments after the name go to it")
+    ben.add_argument("name", choices=sorted(BENCHES))
+    ben.add_argument("args", nargs=argparse.REMAINDER)
     return parser
 
 
-def settings_from_args(args: argparse.Namespace):
-    """Settings from the environment, with every given flag winning. ValueError when invalid."""
-    from server.settings import Settings
-
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    return Settings(**given)
+BENCHES = {"engine": "bench.engine_bench", "load": "bench.load", "soak": "bench.soak",
+           "voice": "bench.eval_voice"}
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    import logging
+def cmd_bench(args: argparse.Namespace) -> int:
+    import runpy
 
-    import uvicorn
-
-    from server.app import create_app
-
-    settings = settings_from_args(args)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level, timeout_graceful_shutdown=10)
+    sys.argv = [f"spectts bench {args.name}", *args.args]
+    runpy.run_module(BENCHES[args.name], run_name="__main__")
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.engine import Engine
+    from engine.threads import set_threads
+
+    if args.threads:
+        set_threads(args.threads)
+    cfg = generation_config(args)
+    engine = Engine.load(args.bundle, device=args.device, max_batch=1, max_len=args.max_len)
+    result = engine.generate(args.prompt_ids, cfg)
+    stats = result.stats.to_dict()
+    if args.json:
+        print(json.dumps({"tokens": result.tokens, "stats": stats,
+                          "finish_reason": result.finish_reason}))
+    else:
+        print(" ".join(map(str, result.tokens)))
+        print(f"{stats['tokens']} tokens, {stats['target_forwards']} target forwards, "
+              f"mean accepted length {stats['mean_accepted_length']:.2f}, "
+              f"{stats['gen_seconds']:.3f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    import time
+    from pathlib import Path
+
+    import soundfile
+    from engine.threads import set_threads
+    from engine.tts import DEFAULT_VOICE, TextToSpeech
+
+    if args.threads:
+        set_threads(args.threads)
+    if (args.text is None) == (args.text_file is None):
+        raise ValueError("give either a text or --text-file")
+    cfg = generation_config(args)
+    texts = ([args.text] if args.text is not None
+             else Path(args.text_file).read_text(encoding="utf-8").splitlines())
+    tts = TextToSpeech(args.bundle or DEFAULT_VOICE, device=args.device,
+                       phoneme_durations=args.phoneme_durations)
+    for text in texts:  # validate every line before speaking any
+        tts.plan(text)
+    for i, text in enumerate(texts):
+        start = time.perf_counter()
+        speech = tts.synthesize(text, cfg)
+        seconds = time.perf_counter() - start
+        path = Path(args.output) if args.text is not None else Path(args.out_dir) / f"{i:03d}.wav"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        soundfile.write(path, speech.audio, speech.sample_rate, subtype="PCM_16")
+        if args.json:
+            print(json.dumps({"text": text, "path": str(path), "tokens": speech.tokens,
+                              "audio_seconds": speech.seconds, "stats": speech.stats.to_dict()}))
+        else:
+            print(f"{path}: {speech.seconds:.2f} s of audio in {seconds:.2f} s "
+                  f"(mean accepted length {speech.stats.mean_accepted_length:.2f})", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "synth": cmd_synth, "serve": cmd_serve,
+                "bench": cmd_bench}[args.command](args)
+    except (ValueError, OSError) as exc:
+        print(f"spectts {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
