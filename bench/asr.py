@@ -154,14 +154,14 @@ _DOTTED_TIME = re.compile(r"(?<![\d.,$€£¥])\b([01]?\d|2[0-3])\.([0-5]\d)(?!\
 
 
 def normalize_for_wer(text: str) -> str:
-    """Words to compare: `models.frontend.normalize`, lower case, no punctuation, one spelling.
+    """Words to compare: `models.voices.frontend.normalize`, lower case, no punctuation, one spelling.
 
     Dotted clock times become h:mm first; then numbers, money, times, dates and abbreviations become
     words with the same rules the voice reads them by. Unambiguous contractions are expanded
     ("don't" -> "do not", "I'm" -> "i am"), other apostrophes dropped ("it's" -> "its"); hyphens,
     slashes and other punctuation become spaces; a few variant spellings are unified (`_SPELLINGS`).
     """
-    from models.frontend import normalize
+    from models.voices.frontend import normalize
 
     text = normalize(_DOTTED_TIME.sub(r"\1:\2", text))
     text = re.sub(r"[\u2018\u2019`]", "'", text.lower())

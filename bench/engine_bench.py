@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from engine.engine import Engine, resolve_device
-from engine.kv_cache import KVCache
-from engine.rules import InterleavedRule, TokenRule
+from engine.decoding.engine import Engine, resolve_device
+from engine.decoding.sampling import SamplingParams
 from engine.threads import set_threads
-from engine.sampling import SamplingParams
 from engine.types import DEFAULT_BETA, GenerationConfig
-from models.bundle import Bundle, load_bundle, random_bundle
+from models.kv_cache import KVCache
+from models.voices.bundle import Bundle, load_bundle, random_bundle
+from models.voices.rules import InterleavedRule, TokenRule
 
 MODES = [  # name, decoding, accept
     ("plain", "plain", "exact"),
@@ -46,7 +46,7 @@ def make_prompts(bundle: Bundle, n: int, length: int, seed: int
     """A voice bundle: its frontend on held-out sentences; otherwise random token prompts."""
     if "frontend" in bundle.raw:
         from engine.tts import TextToSpeech
-        from models.voice.corpus import load_eval_sentences
+        from models.recipes.corpus import load_eval_sentences
 
         tts = TextToSpeech(bundle.path, max_batch=1)
         plans = [p for text in load_eval_sentences()[:n] for p in tts.plan(text)]

@@ -4,7 +4,7 @@
                                [--modes plain,heads-exact,heads-tolerance,draft]
                                [--out bench/results/voice_eval.json] [--save-wavs DIR]
 
-Every system speaks the held-out sentences (`models.voice.corpus.load_eval_sentences`), Whisper
+Every system speaks the held-out sentences (`models.recipes.corpus.load_eval_sentences`), Whisper
 transcribes the audio, and the transcripts are scored against the text (corpus WER after
 `bench.asr.normalize_for_wer`). Systems:
 
@@ -221,7 +221,7 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
     from tqdm import tqdm
 
     from bench.asr import sentence_errors
-    from models.frontend import Espeak, normalize
+    from models.voices.frontend import Espeak, normalize
 
     espeak = Espeak("en-us")
     needs_bundle = any(s != "espeak" for s in systems)
@@ -319,7 +319,7 @@ def format_table(report: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from engine.types import PHONEME_DURATIONS
+    from models.voices.bundle import PHONEME_DURATIONS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sentences", type=int, default=None, help="first N eval sentences (default: all)")
@@ -357,10 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     if any(s != "espeak" for s in systems) and not args.bundle.is_dir():
-        ap.exit(2, f"error: voice bundle {args.bundle} not found. Assemble it (python -m models.voice.assemble "
+        ap.exit(2, f"error: voice bundle {args.bundle} not found. Assemble it (python -m models.recipes.assemble "
                    f"--out {DEFAULT_BUNDLE.relative_to(REPO)}), pass --bundle DIR, or run --systems espeak.\n")
 
-    from models.voice.corpus import load_eval_sentences
+    from models.recipes.corpus import load_eval_sentences
 
     sentences = (load_eval_sentences() if args.text_file is None
                  else [t for t in args.text_file.read_text(encoding="utf-8").splitlines() if t.strip()])

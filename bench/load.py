@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from models.voice.corpus import load_eval_sentences
+from models.recipes.corpus import load_eval_sentences
 
 SAMPLE_BYTES = 2  # PCM16 mono
 
@@ -133,7 +133,7 @@ def serve(args: argparse.Namespace, max_batch: int):
     import httpx
 
     port = free_port()
-    cmd = [sys.executable, "-m", "engine.cli", "serve", "--port", str(port), "--threads",
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--threads",
            str(args.threads), "--max-batch", str(max_batch), "--decoding", args.decoding,
            "--accept", args.accept, "--log-level", "warning"]
     if args.bundle:

@@ -24,7 +24,7 @@ import httpx
 from tqdm import tqdm
 
 from bench.load import serve
-from models.voice.corpus import load_eval_sentences
+from models.recipes.corpus import load_eval_sentences
 
 KINDS = ("http_file", "http_dropped", "ws_done", "ws_cancel", "ws_dropped")
 WEIGHTS = (0.3, 0.15, 0.3, 0.15, 0.1)

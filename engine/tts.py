@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from engine.engine import Engine, resolve_device
-from engine.types import PHONEME_DURATIONS, GenerationConfig, GenerationStats
-from models import interleaved
-from models.bundle import load_bundle
-
-DEFAULT_VOICE = Path(__file__).resolve().parents[1] / "models" / "default_voice"
+from engine.decoding.engine import Engine, resolve_device
+from engine.types import GenerationConfig, GenerationStats
+from models.voices import interleaved
+from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS, load_bundle
 
 
 @dataclass
@@ -77,8 +75,8 @@ class TextToSpeech:
         phoneme_durations: who decides where each phoneme ends: "model" (the LM's end-of-phoneme
         marker) or "frontend" (espeak-ng's durations, the training alignment, forced); None: the
         bundle's setting, else "model"."""
-        from models.frontend import Espeak, PhonemeVocab, PristineEspeak
         from models.vocoder import CausalVocos
+        from models.voices.frontend import Espeak, PhonemeVocab, PristineEspeak
 
         dev = resolve_device(device)
         bundle = load_bundle(bundle_path, dev)
@@ -114,7 +112,7 @@ class TextToSpeech:
     # --- text -> prompts -----------------------------------------------------------------------
     def plan(self, text: str, max_chars: int = 300) -> list[SentencePlan]:
         """Split and phonemise; ValueError when nothing speakable is left."""
-        from models.frontend import normalize, split_sentences
+        from models.voices.frontend import normalize, split_sentences
 
         if not text or not text.strip():
             raise ValueError("the input text is empty")

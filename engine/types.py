@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from engine.sampling import SamplingParams
+from engine.decoding.sampling import SamplingParams
 
 DECODINGS = ("plain", "heads", "draft")
 ACCEPTS = ("exact", "tolerance", "lossless")
 
 
-PHONEME_DURATIONS = ("model", "frontend")  # who ends each phoneme: the speech LM, or espeak-ng
 DEFAULT_BETA = 0.1  # SSD's β for draft + tolerance; chosen on a development set, not the held-out one
 
 

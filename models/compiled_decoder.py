@@ -10,7 +10,7 @@ sequences (their rows packed, `BlockLayout.rows`) — up to `max_rows` rows; lon
 stay in torch.
 
 It reads the torch model's inference weights (`fuse_projections`; copied once, (out, in) and stacked
-over layers) and writes the persistent `engine.kv_cache.KVCache` in place, through numpy views of
+over layers) and writes the persistent `models.kv_cache.KVCache` in place, through numpy views of
 the same memory: the engine's commit / rollback see the entries it wrote. Float32 only.
 """
 
@@ -24,7 +24,7 @@ import torch
 from models import kernels
 
 if TYPE_CHECKING:
-    from engine.kv_cache import BlockLayout, KVCache
+    from models.kv_cache import BlockLayout, KVCache
     from models.llama import LlamaForCausalLM
 
 

@@ -3,8 +3,8 @@
 Module and parameter names follow Hugging Face's `LlamaForCausalLM`, so a `model.safetensors`
 written by transformers loads name by name (see `HF_NAMES`) and ours loads in transformers.
 
-The forward pass never owns a cache: it reads and writes the persistent `engine.kv_cache.KVCache`
-through a `engine.kv_cache.BlockLayout` that says, for each sequence of the batch, which cache slot it
+The forward pass never owns a cache: it reads and writes the persistent `models.kv_cache.KVCache`
+through a `models.kv_cache.BlockLayout` that says, for each sequence of the batch, which cache slot it
 uses, where its new tokens go and which cached entries each new token may attend to (tree attention).
 """
 
@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.numpy_decoder import NumpyDecoder
+from models.compiled_decoder import NumpyDecoder
 
 if TYPE_CHECKING:
-    from engine.kv_cache import BlockLayout, KVCache
+    from models.kv_cache import BlockLayout, KVCache
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ class LlamaForCausalLM(nn.Module):
         are written into it at `layout`'s positions and attention follows the layout's mask; without
         one (training), each row is a whole sequence from position 0, causally masked.
         A forward of a few tokens in all (one sequence's, or a batch's packed rows) without gradients
-        runs compiled when `fuse_projections` set that up (`models.numpy_decoder`: same numbers up to
+        runs compiled when `fuse_projections` set that up (`models.compiled_decoder`: same numbers up to
         float rounding, 3.5x as fast at one token)."""
         if layout is not None and self.in_numpy(input_ids.shape[1] if layout.rows is None
                                                 else len(layout.rows[0])):

@@ -1,1 +1,1 @@
-"""SpecTTS HTTP and WebSocket server: an OpenAI-compatible speech API over `engine.service`."""
+"""SpecTTS HTTP and WebSocket server: an OpenAI-compatible speech API over `engine.serving.service`."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from server.cli import add_serve_flags, cmd_serve
+from server.serve import add_serve_flags, cmd_serve
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from engine.scheduler import Policy
-from engine.service import TTSService
+from engine.serving.deadlines import Policy
+from engine.serving.service import TTSService
 from engine.types import GenerationConfig
 from server import errors, routes_http, routes_ws
 from server.middleware import ServerMiddleware
@@ -32,7 +32,7 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
 
     import torch
 
-    from engine.engine import resolve_device
+    from engine.decoding.engine import resolve_device
     from engine.threads import set_threads
     from engine.tts import TextToSpeech
 

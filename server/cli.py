@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 
-from engine.sampling import SamplingParams
-from server.cli import add_serve_parser, cmd_serve
-from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, PHONEME_DURATIONS, GenerationConfig
+from engine.decoding.sampling import SamplingParams
+from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, GenerationConfig
+from models.voices.bundle import PHONEME_DURATIONS
+from server.serve import add_serve_parser, cmd_serve
 
 
 class _Parser(argparse.ArgumentParser):
@@ -97,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine.engine import Engine
+    from engine.decoding.engine import Engine
     from engine.threads import set_threads
 
     if args.threads:
@@ -123,7 +124,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     import soundfile
     from engine.threads import set_threads
-    from engine.tts import DEFAULT_VOICE, TextToSpeech
+    from engine.tts import TextToSpeech
+    from models.voices.bundle import DEFAULT_VOICE
 
     if args.threads:
         set_threads(args.threads)

@@ -28,7 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.service import ServiceBusy
+from engine.serving.service import ServiceBusy
 
 log = logging.getLogger("spectts.server")
 

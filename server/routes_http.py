@@ -14,7 +14,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine.service import FINAL, Event, SpeechStream
+from engine.serving.service import FINAL, Event, SpeechStream
 from server import errors
 from server.audio import CONTENT_TYPES, StreamEncoder, encode
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE

@@ -32,7 +32,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 
-from engine.service import Event, SpeechStream
+from engine.serving.service import Event, SpeechStream
 from server import errors
 from server.audio import pcm16
 from server.middleware import authorized

@@ -12,9 +12,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from engine.scheduler import CAPACITY_MARGIN
-from engine.tts import DEFAULT_VOICE
-from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, PHONEME_DURATIONS
+from engine.serving.deadlines import CAPACITY_MARGIN
+from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA
+from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS
 
 Device = Literal["cpu", "cuda", "auto"]
 Decoding = Literal[("auto", *DECODINGS)]

@@ -11,9 +11,9 @@ from dataclasses import dataclass, field, replace
 from fastapi.requests import HTTPConnection
 from starlette.requests import Request
 
-from engine.autotune import auto_config
-from engine.sampling import SamplingParams
-from engine.service import SpeechStream, TTSService
+from engine.decoding.autotune import auto_config
+from engine.decoding.sampling import SamplingParams
+from engine.serving.service import SpeechStream, TTSService
 from engine.tts import TextToSpeech
 from engine.types import GenerationConfig
 from server import errors
@@ -30,7 +30,7 @@ log = logging.getLogger("spectts.server")
 
 def default_config(settings: Settings, tts: TextToSpeech) -> GenerationConfig:
     """The server's decoding defaults. Decoding "auto": the fastest decoding (and heads tree) on this
-    machine, measured on CALIBRATION_TEXT (`engine.autotune`; a few seconds)."""
+    machine, measured on CALIBRATION_TEXT (`engine.decoding.autotune`; a few seconds)."""
     auto = settings.decoding == "auto"
     cfg = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS,
                            decoding="plain" if auto else settings.decoding, accept=settings.accept,

@@ -7,7 +7,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 torch.set_num_threads(1)  # tests share a 2-core machine
 
-from models.bundle import random_bundle  # noqa: E402
+from models.voices.bundle import random_bundle  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -21,11 +21,11 @@ def small_bundle():
 def tiny_voice(tmp_path_factory):
     """A complete voice bundle with random weights (LM, draft heads, draft model, tiny vocoder,
     phonemes): everything a TextToSpeech needs, in seconds. Needs libespeak-ng."""
-    frontend = pytest.importorskip("models.frontend")
+    frontend = pytest.importorskip("models.voices.frontend")
     try:
         frontend.Espeak("en-us")
     except OSError as exc:
         pytest.skip(f"espeak-ng unavailable: {exc}")
-    from models.voice.random_voice import build_random_voice
+    from models.recipes.random_voice import build_random_voice
 
     return build_random_voice(tmp_path_factory.mktemp("voice"))

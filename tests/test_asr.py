@@ -97,7 +97,7 @@ class CannedJudge:
 
 @pytest.fixture(scope="module")
 def espeak_ok() -> None:
-    from models.frontend import Espeak, EspeakUnavailable
+    from models.voices.frontend import Espeak, EspeakUnavailable
 
     try:
         Espeak("en-us")
@@ -110,9 +110,9 @@ def tiny_voice(tmp_path_factory) -> Path:
     """A random voice bundle: 16 speech tokens, tiny target, draft model, draft heads, vocoder."""
     from safetensors.torch import save_file
 
-    from models import interleaved
-    from models.bundle import random_bundle, save_bundle
-    from models.frontend import PhonemeVocab
+    from models.voices import interleaved
+    from models.voices.bundle import random_bundle, save_bundle
+    from models.voices.frontend import PhonemeVocab
     from models.vocoder import CausalVocos, VocoderConfig
 
     path = tmp_path_factory.mktemp("tiny_voice")
@@ -233,7 +233,7 @@ def judge():
 
 
 def test_judge_transcribes_espeak(espeak_ok, judge) -> None:
-    from models.frontend import PristineEspeak, normalize
+    from models.voices.frontend import PristineEspeak, normalize
 
     # pristine: each text's audio depends on the text alone (in-process espeak-ng carries state from
     # one text to the next, and Whisper heard the third sentence as "cost $3.50." after the other two)

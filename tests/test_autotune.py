@@ -1,9 +1,9 @@
-"""Decoding "auto" (engine.autotune): every decoding the bundle has is measured on this machine, the
+"""Decoding "auto" (engine.decoding.autotune): every decoding the bundle has is measured on this machine, the
 fastest is kept, and with exact acceptance the choice never changes the audio."""
 
 import pytest
 
-from engine.autotune import Measured, auto_config, candidates, fastest, measure
+from engine.decoding.autotune import Measured, auto_config, candidates, fastest, measure
 from engine.tts import TextToSpeech
 from engine.types import GenerationConfig
 

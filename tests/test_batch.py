@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from engine.engine import Engine
-from engine.sampling import SamplingParams
+from engine.decoding.engine import Engine
+from engine.decoding.sampling import SamplingParams
 from engine.types import GenerationConfig
 
 

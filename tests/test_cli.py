@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.cli import main
-from engine.engine import Engine
+from engine.decoding.engine import Engine
 from engine.types import GenerationConfig
-from models.bundle import save_bundle
+from models.voices.bundle import save_bundle
+from server.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +24,7 @@ def bundle_dir(small_bundle, tmp_path_factory):
 
 def test_generate_json_matches_engine(bundle_dir):
     out = subprocess.run(
-        [sys.executable, "-m", "engine.cli", "generate", "--bundle", str(bundle_dir),
+        [sys.executable, "-m", "server.cli", "generate", "--bundle", str(bundle_dir),
          "--prompt-ids", "1,2,3", "--max-new-tokens", "12", "--decoding", "heads",
          "--accept", "exact", "--json", "--threads", "1"],
         cwd=ROOT, capture_output=True, text=True, check=True)

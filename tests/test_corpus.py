@@ -1,4 +1,4 @@
-"""Tests for the voice training-text corpus builder (models/voice/corpus.py)."""
+"""Tests for the voice training-text corpus builder (models/recipes/corpus.py)."""
 from __future__ import annotations
 
 import re
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from models.voice import corpus
+from models.recipes import corpus
 
 N = 2000
 

@@ -1,4 +1,4 @@
-"""Tests for models/frontend.py: espeak-ng through ctypes, normalisation, splitting, phoneme ids."""
+"""Tests for models/voices/frontend.py: espeak-ng through ctypes, normalisation, splitting, phoneme ids."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.frontend import (
+from models.voices.frontend import (
     EN_US_PHONEMES,
     PAD,
     Espeak,
@@ -88,7 +88,7 @@ def test_phonemes_do_not_depend_on_history(espeak: Espeak) -> None:
 
 def test_audio_reproducible_in_a_fresh_process(espeak: Espeak) -> None:
     code = (
-        "import hashlib; from models.frontend import Espeak; e = Espeak(); h = hashlib.sha256()\n"
+        "import hashlib; from models.voices.frontend import Espeak; e = Espeak(); h = hashlib.sha256()\n"
         f"for t in {SENTENCES!r}:\n"
         "    u = e.synthesize(t); h.update(u.audio.tobytes()); h.update(repr(u.starts).encode())\n"
         "print(h.hexdigest())"

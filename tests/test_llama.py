@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-from engine.engine import Engine
-from engine.kv_cache import KVCache
+from engine.decoding.engine import Engine
 from engine.types import GenerationConfig
-from models.bundle import load_bundle
+from models.kv_cache import KVCache
 from models.llama import LlamaConfig, LlamaForCausalLM, init_weights
+from models.voices.bundle import load_bundle
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,11 +5,11 @@ import math
 import pytest
 import torch
 
-from engine.engine import Engine
-from engine.kv_cache import KVCache
-from engine.sampling import SamplingParams, distribution
+from engine.decoding.engine import Engine
+from engine.decoding.sampling import SamplingParams, distribution
 from engine.types import GenerationConfig
-from models.bundle import random_bundle
+from models.kv_cache import KVCache
+from models.voices.bundle import random_bundle
 
 V, PROMPT, RUNS, BATCH = 6, [1, 4, 2], 3000, 100
 

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from engine.engine import Engine, plan_forwards
-from engine.scheduler import Playback, Policy
+from engine.decoding.engine import Engine, plan_forwards
+from engine.serving.deadlines import Playback, Policy
 from engine.types import GenerationConfig
 
 
@@ -64,7 +64,7 @@ def test_admission_refuses_when_behind_or_queue_is_old():
 
 
 def test_capacity_is_learned_from_step_costs():
-    from engine.scheduler import Capacity
+    from engine.serving.deadlines import Capacity
 
     cap = Capacity(margin=1.0)
     assert cap.streams() is None  # nothing measured yet: no limit

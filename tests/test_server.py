@@ -18,7 +18,7 @@ import pytest
 import soundfile
 import uvicorn
 
-from engine.service import TTSService
+from engine.serving.service import TTSService
 from engine.tts import TextToSpeech
 from server.app import create_app
 from server.audio import pcm16
@@ -600,7 +600,7 @@ def test_max_batch_one_serves_requests_in_a_row(tiny_voice, settings):
 def test_serve_flags_override_the_environment(monkeypatch):
     import argparse
 
-    from server.cli import add_serve_parser, settings_from_args
+    from server.serve import add_serve_parser, settings_from_args
 
     parser = argparse.ArgumentParser(prog="spectts")
     add_serve_parser(parser.add_subparsers(dest="command"))

@@ -7,8 +7,8 @@ import pytest
 
 import random
 
-from engine.scheduler import Policy
-from engine.service import FINAL, ServiceBusy, TTSService
+from engine.serving.deadlines import Policy
+from engine.serving.service import FINAL, ServiceBusy, TTSService
 from engine.tts import TextToSpeech, stretch
 from engine.types import GenerationConfig
 

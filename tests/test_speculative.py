@@ -7,14 +7,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.engine import Engine
-from engine.kv_cache import KVCache
-from engine.rules import InterleavedRule
-from engine.sampling import SamplingParams
-from engine.speculative import top_tau
-from engine.tree import sparse_tree
+from engine.decoding.engine import Engine
+from engine.decoding.sampling import SamplingParams
+from engine.decoding.speculative import top_tau
+from engine.decoding.tree import sparse_tree
 from engine.types import GenerationConfig
-from models.bundle import random_bundle
+from models.kv_cache import KVCache
+from models.voices.bundle import random_bundle
+from models.voices.rules import InterleavedRule
 
 # A small interleaved vocabulary: 0 bos, 1 sep, 2 eop, 3 eos, 4..9 phonemes, 10..23 speech.
 V, EOP, EOS = 24, 2, 3

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import soundfile
 
-from engine.cli import main
 from engine.tts import TextToSpeech
 from engine.types import GenerationConfig
-from models.frontend import PristineEspeak, normalize
+from models.voices.frontend import PristineEspeak, normalize
+from server.cli import main
 
 BIG = 10**6
 
@@ -108,7 +108,7 @@ def test_each_phoneme_speaks_only_its_own_tokens(tts):
 
 
 def test_phoneme_masks_cover_the_asked_share():
-    from models import interleaved
+    from models.voices import interleaved
 
     layout = interleaved.token_layout(4)
     counts = np.zeros((interleaved.PHONEME_SLOTS, 4), dtype=np.int64)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from models.recipes.train_vocoder import CropSampler, load_corpus, main as train_main, resynthesize
 from models.vocoder import CausalVocos, StreamingVocoder, VocoderConfig, push_many
-from models.voice.train_vocoder import CropSampler, load_corpus, main as train_main, resynthesize
 
 TINY = dict(num_tokens=16, dim=32, intermediate=64, num_blocks=2, kernel=7)
 HOP = 441

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from engine.kv_cache import KVCache
-from engine.sampling import distribution, draw, process
-from engine.sequence import Sequence
-from engine.speculative import Candidates
+from engine.decoding.sampling import distribution, draw, process
+from engine.decoding.sequence import Sequence
+from engine.decoding.speculative import Candidates
+from models.kv_cache import KVCache
 from models.llama import LlamaForCausalLM
 
 

@@ -13,16 +13,16 @@ from pathlib import Path
 
 import torch
 
-from engine.draft_proposer import chain, pad_blocks, propose_drafts
-from engine.heads_proposer import build_tree, max_ranks
-from engine.kv_cache import KVCache
-from engine.prefix_cache import PrefixCache
-from engine.rules import NoRule, TokenRule
-from engine.sequence import Sequence
-from engine.speculative import Candidates, verify
-from engine.tree import default_accuracies, sparse_tree, validate_shape
+from engine.decoding.draft_proposer import chain, pad_blocks, propose_drafts
+from engine.decoding.heads_proposer import build_tree, max_ranks
+from engine.decoding.prefix_cache import PrefixCache
+from engine.decoding.sequence import Sequence
+from engine.decoding.speculative import Candidates, verify
+from engine.decoding.tree import default_accuracies, sparse_tree, validate_shape
 from engine.types import ACCEPTS, GenerationConfig, GenerationResult
-from models.bundle import Bundle, load_bundle
+from models.kv_cache import KVCache
+from models.voices.bundle import Bundle, load_bundle
+from models.voices.rules import NoRule, TokenRule
 
 
 # a forward costs about as much as this many more real rows, whatever its size (CPU, small model)
@@ -67,7 +67,7 @@ class Engine:
     def __init__(self, bundle: Bundle, max_batch: int = 8, max_len: int = 2048,
                  prefix_blocks: int = 0, prefix_block: int = 16, numpy_decode: bool = True) -> None:
         """prefix_blocks > 0: keep that many blocks of `prefix_block` prompt tokens for reuse.
-        numpy_decode: on the CPU, decoding forwards (≤ 32 rows) run compiled (`models.numpy_decoder`)."""
+        numpy_decode: on the CPU, decoding forwards (≤ 32 rows) run compiled (`models.compiled_decoder`)."""
         self.bundle = bundle
         self.target, self.draft, self.heads = bundle.target, bundle.draft, bundle.heads
         for model in (self.target, self.draft):  # the engine never trains: fused projections

@@ -7,9 +7,9 @@ from typing import Hashable, Sequence
 
 import torch
 
-from engine.rules import TokenRule
-from engine.speculative import Candidates
-from engine.tree import Path
+from engine.decoding.speculative import Candidates
+from engine.decoding.tree import Path
+from models.voices.rules import TokenRule
 
 
 @functools.lru_cache(maxsize=64)

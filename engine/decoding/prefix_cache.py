@@ -17,7 +17,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from engine.kv_cache import KVCache
+from models.kv_cache import KVCache
 
 
 def block_keys(tokens: list[int], block: int) -> list[bytes]:

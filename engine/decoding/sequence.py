@@ -8,8 +8,8 @@ from typing import Hashable
 
 import torch
 
-from engine.rules import TokenRule
 from engine.types import GenerationConfig, GenerationResult, GenerationStats
+from models.voices.rules import TokenRule
 
 
 @dataclass

@@ -14,9 +14,9 @@ from typing import Hashable
 
 import torch
 
-from engine.rules import TokenRule
-from engine.sampling import (SamplingParams, choose, distribution, draw, process, residual)
+from engine.decoding.sampling import (SamplingParams, choose, distribution, draw, process, residual)
 from engine.types import GenerationConfig
+from models.voices.rules import TokenRule
 
 
 @dataclass

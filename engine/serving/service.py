@@ -21,11 +21,11 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from engine.scheduler import CAPACITY_MARGIN, Capacity, Playback, Policy
-from engine.sequence import Sequence
+from engine.decoding.sequence import Sequence
+from engine.serving.deadlines import CAPACITY_MARGIN, Capacity, Playback, Policy
 from engine.tts import SentencePlan, TextToSpeech, merge_stats, stretch
 from engine.types import GenerationConfig, GenerationStats
-from models import interleaved
+from models.voices import interleaved
 
 log = logging.getLogger("spectts.service")
 FINAL = ("done", "error", "cancelled")
@@ -117,7 +117,7 @@ class SpeechStream:
 
     def take_sentences(self) -> tuple[list[str], bool]:
         """Complete sentences received so far, and whether the input has ended with none left."""
-        from models.frontend import split_sentences
+        from models.voices.frontend import split_sentences
 
         with self._lock:
             text, final = self._text, self._input_done

@@ -1,6 +1,6 @@
 """Assemble the voice bundle from the trained parts (weights stored as float16 to fit the repo budget).
 
-    python -m models.voice.assemble --out models/default_voice
+    python -m models.recipes.assemble --out models/default_voice
 
 Reads checkpoints/lm/export (target), checkpoints/drafts/heads_export (draft heads + measured
 accuracies), checkpoints/drafts/draft_export (draft model), checkpoints/vocoder/export (vocoder),
@@ -18,10 +18,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine.types import PHONEME_DURATIONS
-from models import interleaved
-from models.frontend import PhonemeVocab
 from models.llama import LlamaForCausalLM
+from models.voices import interleaved
+from models.voices.bundle import PHONEME_DURATIONS
+from models.voices.frontend import PhonemeVocab
 
 STORE = torch.float16
 

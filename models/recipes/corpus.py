@@ -14,7 +14,7 @@ Mixes four sources into one deterministic, deduplicated, shuffled file (one sent
 Every held-out evaluation sentence (``eval_sentences.txt``) is excluded: a corpus line is dropped if,
 after lowercasing and stripping punctuation, it equals or contains an evaluation sentence.
 
-    python -m models.voice.corpus --out data/voice/corpus.txt
+    python -m models.recipes.corpus --out data/voice/corpus.txt
 """
 from __future__ import annotations
 

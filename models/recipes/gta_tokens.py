@@ -1,7 +1,7 @@
 """Ground-truth-aligned (GTA) speech tokens: what the speech LM predicts for each frame of the training
 audio, teacher-forced on the true sequence, for fine-tuning the vocoder on the LM's kind of tokens.
 
-    python -m models.voice.gta_tokens [--bundle models/default_voice] [--shards 6]
+    python -m models.recipes.gta_tokens [--bundle models/default_voice] [--shards 6]
 
 As Tacotron 2 trained WaveNet on the mel frames it predicted teacher-forced (aligned to the true audio
 because the history is the true one), each true speech frame here gets the LM's greedy token at that
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from models.bundle import load_bundle
-from models.interleaved import (SPEECH_BASE, load_phoneme_counts, phoneme_allowed_masks,
-                                training_sequence)
 from models.llama import LlamaForCausalLM
+from models.voices.bundle import load_bundle
+from models.voices.interleaved import (SPEECH_BASE, load_phoneme_counts, phoneme_allowed_masks,
+                                training_sequence)
 
 
 @torch.no_grad()

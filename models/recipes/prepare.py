@@ -1,6 +1,6 @@
 """Corpus text -> espeak-ng audio, phoneme alignment, log-mel, k-means speech tokens, in shards.
 
-    python -m models.voice.prepare --corpus data/voice/corpus.txt --out data/voice [--workers 2]
+    python -m models.recipes.prepare --corpus data/voice/corpus.txt --out data/voice [--workers 2]
 
 Stages (each resumable: finished shards are skipped):
 1. synthesise every sentence with espeak-ng (en-us), align its phonemes to 50 Hz frames, compute
@@ -33,7 +33,7 @@ VALID_FRACTION = 0.02
 
 def synth_shard(job: tuple[list[str], Path]) -> int:
     """Synthesise one shard of sentences (runs in a worker process)."""
-    from models.frontend import Espeak, PhonemeVocab, normalize
+    from models.voices.frontend import Espeak, PhonemeVocab, normalize
 
     sentences, path = job
     torch.set_num_threads(1)

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from models import interleaved
-from models.bundle import random_bundle, save_bundle
-from models.frontend import PhonemeVocab
 from models.vocoder import CausalVocos, VocoderConfig
+from models.voices import interleaved
+from models.voices.bundle import random_bundle, save_bundle
+from models.voices.frontend import PhonemeVocab
 
 
 def build_random_voice(path: str | Path, num_speech: int = 16, seed: int = 5,

@@ -1,6 +1,6 @@
 """Rebuild the default voice from scratch, one command, resumable:
 
-    .venv/bin/python -m models.voice.recipe [--threads 2] [--out models/default_voice]
+    .venv/bin/python -m models.recipes.recipe [--threads 2] [--out models/default_voice]
 
 Stages (each skips what is already done, training stages resume from their checkpoints; times are
 for 2 CPU cores):
@@ -53,47 +53,47 @@ def main() -> None:
     data, t, dev = Path(args.data), str(args.threads), args.device
     forever = ["--minutes", "100000"]
     stages = [
-        ("corpus", ["models.voice.corpus", "--out", str(data / "corpus.txt")],
+        ("corpus", ["models.recipes.corpus", "--out", str(data / "corpus.txt")],
          (data / "corpus.txt").exists()),
-        ("prepare", ["models.voice.prepare", "--corpus", str(data / "corpus.txt"), "--out", str(data),
+        ("prepare", ["models.recipes.prepare", "--corpus", str(data / "corpus.txt"), "--out", str(data),
                      "--workers", t], False),  # resumes by itself
-        ("vocoder", ["models.voice.train_vocoder", "--data", str(data), "--ckpt",
+        ("vocoder", ["models.recipes.train_vocoder", "--data", str(data), "--ckpt",
                      "checkpoints/vocoder", "--out", "checkpoints/vocoder/export", "--threads", t,
                      "--device", dev, "--total-steps", str(args.vocoder_steps), *forever],
          Path("checkpoints/vocoder/export/vocoder.safetensors").exists()),
-        ("vocoder-ft", ["models.voice.train_vocoder", "--data", str(data), "--init-from",
+        ("vocoder-ft", ["models.recipes.train_vocoder", "--data", str(data), "--init-from",
                         "checkpoints/vocoder/export", "--ckpt", "checkpoints/vocoder_ft", "--out",
                         "checkpoints/vocoder_ft/export", "--threads", t, "--device", dev,
                         "--max-hours-audio", "10", "--lr", "3e-4", "--warmup", "50",
                         "--total-steps", str(args.vocoder_ft_steps), *forever],
          Path("checkpoints/vocoder_ft/export/vocoder.safetensors").exists()),
-        ("lm", ["models.voice.train_lm", "--data", str(data), "--ckpt", "checkpoints/lm",
+        ("lm", ["models.recipes.train_lm", "--data", str(data), "--ckpt", "checkpoints/lm",
                 "--threads", t, "--device", dev, "--total-steps", str(args.lm_steps), *forever], False),
-        ("lm-export", ["models.voice.train_lm", "--data", str(data), "--ckpt", "checkpoints/lm",
+        ("lm-export", ["models.recipes.train_lm", "--data", str(data), "--ckpt", "checkpoints/lm",
                        "--export", "checkpoints/lm/export"], False),
-        ("heads", ["models.voice.train_drafts", "--what", "heads", "--data", str(data),
+        ("heads", ["models.recipes.train_drafts", "--what", "heads", "--data", str(data),
                    "--lm", "checkpoints/lm/export", "--threads", t, "--device", dev,
                    "--total-steps", str(args.heads_steps), *forever], False),
-        ("heads-export", ["models.voice.train_drafts", "--what", "heads", "--lm",
+        ("heads-export", ["models.recipes.train_drafts", "--what", "heads", "--lm",
                           "checkpoints/lm/export", "--export", "checkpoints/drafts/heads_export"],
          False),
-        ("draft", ["models.voice.train_drafts", "--what", "draft", "--data", str(data),
+        ("draft", ["models.recipes.train_drafts", "--what", "draft", "--data", str(data),
                    "--lm", "checkpoints/lm/export", "--threads", t, "--device", dev,
                    "--total-steps", str(args.draft_steps), *forever], False),
-        ("draft-export", ["models.voice.train_drafts", "--what", "draft", "--lm",
+        ("draft-export", ["models.recipes.train_drafts", "--what", "draft", "--lm",
                           "checkpoints/lm/export", "--export", "checkpoints/drafts/draft_export"],
          False),
-        ("assemble", ["models.voice.assemble", "--data", str(data), "--out", args.out,
+        ("assemble", ["models.recipes.assemble", "--data", str(data), "--out", args.out,
                       "--vocoder", "checkpoints/vocoder_ft/export"], False),
-        ("gta", ["models.voice.gta_tokens", "--data", str(data), "--bundle", args.out,
+        ("gta", ["models.recipes.gta_tokens", "--data", str(data), "--bundle", args.out,
                  "--shards", "6", "--threads", t], False),  # skips the shards already done
-        ("vocoder-gta", ["models.voice.train_vocoder", "--data", str(data), "--init-from",
+        ("vocoder-gta", ["models.recipes.train_vocoder", "--data", str(data), "--init-from",
                          "checkpoints/vocoder_ft/export", "--ckpt", "checkpoints/vocoder_gta", "--out",
                          "checkpoints/vocoder_gta/export", "--threads", t, "--device", dev,
                          "--max-hours-audio", "6.4", "--lr", "2e-4", "--warmup", "50",
                          "--total-steps", str(args.vocoder_gta_steps), "--gta-mix", "0.5", *forever],
          Path("checkpoints/vocoder_gta/export/vocoder.safetensors").exists()),
-        ("assemble-gta", ["models.voice.assemble", "--data", str(data), "--out", args.out,
+        ("assemble-gta", ["models.recipes.assemble", "--data", str(data), "--out", args.out,
                           "--vocoder", "checkpoints/vocoder_gta/export"], False),
     ]
     for name, cmd, done in stages:

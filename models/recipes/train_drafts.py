@@ -1,8 +1,8 @@
 """Train the drafters of a trained speech LM: K draft heads (VADUSA, on the frozen LM's last hidden
 state) and a small draft model (SSD: the target's first layers, distilled from its distribution).
 
-    python -m models.voice.train_drafts --lm checkpoints/lm/export --what heads --minutes 20
-    python -m models.voice.train_drafts --lm checkpoints/lm/export --what draft --minutes 20
+    python -m models.recipes.train_drafts --lm checkpoints/lm/export --what heads --minutes 20
+    python -m models.recipes.train_drafts --lm checkpoints/lm/export --what draft --minutes 20
 
 Resumable (CKPT/heads.pt, CKPT/draft.pt). Head k (1-based) at position t predicts the token k + 1
 places ahead (the LM itself predicts the next one). Validation writes each head's accuracy by rank —
@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.bundle import draft_from_target
 from models.heads import DraftHeads
 from models.llama import LlamaForCausalLM
-from models.voice.train_lm import (batches, bf16_is_fast, collate, load_split, lr_at,
+from models.recipes.train_lm import (batches, bf16_is_fast, collate, load_split, lr_at,
                                    save_checkpoint)
+from models.voices.bundle import draft_from_target
 
 TOP_RANKS = 10
 TAU = 2  # tolerance accuracy (the default τ): is the head's token among the LM's own top-τ there?

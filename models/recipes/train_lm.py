@@ -1,6 +1,6 @@
 """Train the interleaved speech LM on the prepared shards, in resumable chunks.
 
-    python -m models.voice.train_lm --minutes 60 [--threads 1] [--data data/voice] [--ckpt checkpoints/lm]
+    python -m models.recipes.train_lm --minutes 60 [--threads 1] [--data data/voice] [--ckpt checkpoints/lm]
 
 Checkpoints (model, optimiser, step, data order) every few minutes to CKPT/last.pt and resumes from it;
 the learning-rate schedule is defined over --total-steps, so chunks add up to one run. Validation loss
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.interleaved import EOP, PAD, training_sequence, vocab_size
 from models.llama import LlamaConfig, LlamaForCausalLM, init_weights
+from models.voices.interleaved import EOP, PAD, training_sequence, vocab_size
 
 MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=6, num_attention_heads=8,
              num_key_value_heads=4, rope_theta=10000.0, max_position_embeddings=4096,

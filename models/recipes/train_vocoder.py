@@ -1,6 +1,6 @@
 """Train the causal Vocos vocoder (models/vocoder.py) on the prepared voice shards, in resumable chunks.
 
-    python -m models.voice.train_vocoder --minutes 20 [--threads 2] [--data data/voice]
+    python -m models.recipes.train_vocoder --minutes 20 [--threads 2] [--data data/voice]
         [--ckpt checkpoints/vocoder] [--out checkpoints/vocoder/model] [--max-hours-audio 2.0]
         [--init-from models/default_voice/vocoder]
 
@@ -12,7 +12,7 @@ CKPT/last.pt (model, optimiser, step, RNG states) is written every --save-every-
 and a run resumes from it. At the end: validation losses, and the model exported with save() to --out.
 `--input mel` trains from the shards' true log-mel instead of tokens (a ceiling for the token vocoder).
 `--gta-mix P` takes a crop's tokens, with probability P, from DATA/gta/<shard>.npy instead: the speech
-LM's teacher-forced predictions for the same frames (`models.voice.gta_tokens`), so the vocoder learns
+LM's teacher-forced predictions for the same frames (`models.recipes.gta_tokens`), so the vocoder learns
 to render the LM's kind of tokens as the true audio (shards without that file keep the true tokens).
 """
 

@@ -25,6 +25,10 @@ from models.heads import DraftHeads
 from models.llama import LlamaConfig, LlamaForCausalLM, init_weights
 
 BUNDLE_FILE = "spectts.json"
+# the shipped voice (models/default_voice)
+DEFAULT_VOICE = Path(__file__).resolve().parents[1] / "default_voice"
+# who ends each phoneme: the speech LM ("model"), or espeak-ng's timing forced ("frontend")
+PHONEME_DURATIONS = ("model", "frontend")
 FORMAT = "spectts-bundle/1"
 
 

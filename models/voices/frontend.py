@@ -209,7 +209,7 @@ class PristineEspeak:
     """espeak-ng that speaks every text from the same fresh state, so that audio and phoneme starts
     depend on the text alone (`Espeak`'s also depend on what the process spoke before).
 
-    A helper process (`python -m models.frontend --pristine VOICE`) initialises espeak-ng, speaks
+    A helper process (`python -m models.voices.frontend --pristine VOICE`) initialises espeak-ng, speaks
     nothing itself, and forks one child per text: the child speaks from the helper's untouched state
     and writes a JSON header line (phonemes, starts, byte count, or an error) and the 16-bit audio to
     the shared stdout. ~2x the in-process cost (a fork per text). Thread-safe; the helper starts on
@@ -226,7 +226,7 @@ class PristineEspeak:
             root = Path(__file__).resolve().parents[1]
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                 [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-            self._proc = subprocess.Popen([sys.executable, "-m", "models.frontend", "--pristine",
+            self._proc = subprocess.Popen([sys.executable, "-m", "models.voices.frontend", "--pristine",
                                            self.voice], stdin=subprocess.PIPE,
                                           stdout=subprocess.PIPE, env=env)
         return self._proc

@@ -20,8 +20,8 @@ import torch
 from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
-from engine.rules import InterleavedRule
-from models.bundle import TokenLayout
+from models.voices.bundle import TokenLayout
+from models.voices.rules import InterleavedRule
 
 PAD, BOS, SEP, EOP, EOS = 0, 1, 2, 3, 4
 PHONEME_BASE = 5
