@@ -27,7 +27,7 @@ from tqdm import tqdm
 from engine.decoding.engine import Engine, resolve_device
 from engine.decoding.sampling import SamplingParams
 from engine.threads import set_threads
-from engine.types import DEFAULT_BETA, GenerationConfig
+from engine.types import GenerationConfig, default_of
 from models.kv_cache import KVCache
 from models.voices.bundle import Bundle, load_bundle, random_bundle
 from models.voices.rules import InterleavedRule, TokenRule
@@ -140,11 +140,9 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=300)
     ap.add_argument("--prompts", type=int, default=5)
     ap.add_argument("--prompt-len", type=int, default=30)
-    ap.add_argument("--tau", type=int, default=2)
-    ap.add_argument("--beta", type=float, default=DEFAULT_BETA)
-    ap.add_argument("--min-ratio", type=float, default=GenerationConfig.min_ratio,
-                    help="tolerance: share of the top token's probability a top-τ token needs")
-    ap.add_argument("--gamma", type=int, default=4)
+    for name in ("tau", "beta", "min_ratio", "gamma"):  # the engine's defaults
+        default = default_of(GenerationConfig, name)
+        ap.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     ap.add_argument("--tree-nodes", default="", help="also sweep heads trees of these sizes, e.g. 4,8,16,32")
     ap.add_argument("--compare-torch-forward", action="store_true",
                     help="also run each mode with one-sequence forwards in torch (not numpy)")

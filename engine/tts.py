@@ -41,17 +41,6 @@ class Speech:
         return len(self.audio) / self.sample_rate
 
 
-def merge_stats(total: GenerationStats, part: GenerationStats) -> None:
-    for name in ("tokens", "target_forwards", "draft_forwards", "drafted", "accepted",
-                 "prompt_tokens", "cached_prompt_tokens"):
-        setattr(total, name, getattr(total, name) + getattr(part, name))
-    for name in ("accepted_per_pos", "drafted_per_pos"):
-        mine, theirs = getattr(total, name), getattr(part, name)
-        mine += [0] * (len(theirs) - len(mine))
-        for i, v in enumerate(theirs):
-            mine[i] += v
-
-
 def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]:
     """Time-scale a frame stream by `speed` (2.0 = twice as fast) without changing pitch: output frame j
     shows input frame floor(j * speed). `done` counts output frames already produced; returns the new
@@ -159,7 +148,7 @@ class TextToSpeech:
                 [p.prompt for p in group], [self.generation_config(p, cfg) for p in group],
                 [self.rule(p) for p in group])
             for r in results:
-                merge_stats(total, r.stats)
+                total.merge(r.stats)
                 frames = interleaved.speech_tokens(self.layout, r.tokens)
                 tokens.append(stretch(frames, speed, 0)[0])
         # each sentence is vocoded on its own, as the streaming path does

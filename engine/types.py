@@ -10,54 +10,98 @@ Words used throughout (code, metrics, docs):
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from enum import StrEnum
 
 from engine.decoding.sampling import SamplingParams
 
-DECODINGS = ("plain", "heads", "draft")
-ACCEPTS = ("exact", "tolerance", "lossless")
+
+class Decoding(StrEnum):
+    """What proposes candidates: nothing, the draft heads (a tree) or the draft model (a chain)."""
+
+    PLAIN = "plain"
+    HEADS = "heads"
+    DRAFT = "draft"
 
 
-DEFAULT_BETA = 0.1  # SSD's β for draft + tolerance; chosen on a development set, not the held-out one
+class Accept(StrEnum):
+    """How verification accepts a candidate (see `engine.decoding.speculative.verify`)."""
+
+    EXACT = "exact"
+    TOLERANCE = "tolerance"
+    LOSSLESS = "lossless"
+
+
+class ConfigError(ValueError):
+    """A generation setting the engine cannot run; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+DECODINGS = tuple(d.value for d in Decoding)
+ACCEPTS = tuple(a.value for a in Accept)
+
+
+def _help(text: str) -> dict:
+    """A field's help text: the one source for the CLI's --help, the server settings' description and
+    the API schema (`help_of`)."""
+    return {"help": text}
+
+
+def default_of(cls: type, name: str):
+    """The default of dataclass `cls`'s field `name`."""
+    f = {f.name: f for f in fields(cls)}[name]
+    return f.default_factory() if f.default is MISSING else f.default
+
+
+def help_of(cls: type, name: str) -> str:
+    return {f.name: f for f in fields(cls)}[name].metadata.get("help", "")
 
 
 @dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 256
-    decoding: str = "plain"  # plain | heads | draft
-    accept: str = "exact"  # exact | tolerance | lossless
-    tau: int = 2  # tolerance: a candidate among the target's top-τ (or τ samples); greedy draft's support
-    beta: float = DEFAULT_BETA  # draft + tolerance: accept if r < min(1, q/p) + β (SSD)
-    # greedy tolerance: a top-τ token counts only if its probability is at least this share of the
-    # target's top token's (temperature 1); 0: any of the top-τ (VADUSA), 1: only the top (exact).
-    # 0.5 on the voice: heads τ=2 WER 14.58 % vs plain 14.49 % (0: 16.82 %), 3.82 tokens per forward
-    min_ratio: float = 0.5
-    gamma: int = 4  # draft: tokens drafted per round
+    max_new_tokens: int = field(default=256, metadata=_help("new tokens at most"))
+    decoding: str = field(default=Decoding.PLAIN, metadata=_help(" | ".join(DECODINGS)))
+    accept: str = field(default=Accept.EXACT, metadata=_help(" | ".join(ACCEPTS)))
+    tau: int = field(default=2, metadata=_help(
+        "tolerance: a candidate among the target's top-tau (heads: or tau samples); greedy "
+        "draft's support"))
+    beta: float = field(default=0.1, metadata=_help(
+        "draft + tolerance: SSD's beta, accept if r < min(1, q/p) + beta"))
+    min_ratio: float = field(default=0.5, metadata=_help(
+        "greedy tolerance: a top-tau token needs this share of the top token's probability "
+        "(0: any of the top-tau, 1: only the top)"))
+    gamma: int = field(default=4, metadata=_help("draft: tokens drafted per round"))
     tree: tuple[tuple[int, ...], ...] | None = None  # heads: tree shape; None = the bundle's default
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    seed: int | None = None
+    seed: int | None = field(default=None, metadata=_help("sampling seed (default: random)"))
     stop_on_eos: bool = True
 
     def validate(self, num_heads: int | None, has_draft: bool) -> None:
-        if self.decoding not in DECODINGS:
-            raise ValueError(f"unknown decoding {self.decoding!r}; expected one of {DECODINGS}")
-        if self.accept not in ACCEPTS:
-            raise ValueError(f"unknown accept rule {self.accept!r}; expected one of {ACCEPTS}")
-        if self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}")
-        if self.tau < 1:
-            raise ValueError(f"tau must be >= 1, got {self.tau}")
-        if not 0 <= self.min_ratio <= 1:
-            raise ValueError(f"min_ratio must be in [0, 1], got {self.min_ratio}")
-        if self.beta < 0:
-            raise ValueError(f"beta must be >= 0, got {self.beta}")
-        if self.gamma < 1:
-            raise ValueError(f"gamma must be >= 1, got {self.gamma}")
-        if self.decoding == "heads" and not num_heads:
-            raise ValueError("decoding 'heads' needs a bundle with draft heads")
-        if self.decoding == "draft" and not has_draft:
-            raise ValueError("decoding 'draft' needs a bundle with a draft model")
-        self.sampling.validate()
+        """ConfigError (a ValueError naming the field) for a config this bundle cannot run."""
+        def need(ok: bool, param: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(message, param)
+        need(self.decoding in DECODINGS, "decoding",
+             f"unknown decoding {self.decoding!r}; expected one of {DECODINGS}")
+        need(self.accept in ACCEPTS, "accept",
+             f"unknown accept rule {self.accept!r}; expected one of {ACCEPTS}")
+        need(self.max_new_tokens > 0, "max_new_tokens",
+             f"max_new_tokens must be > 0, got {self.max_new_tokens}")
+        need(self.tau >= 1, "tau", f"tau must be >= 1, got {self.tau}")
+        need(0 <= self.min_ratio <= 1, "min_ratio", f"min_ratio must be in [0, 1], got {self.min_ratio}")
+        need(self.beta >= 0, "beta", f"beta must be >= 0, got {self.beta}")
+        need(self.gamma >= 1, "gamma", f"gamma must be >= 1, got {self.gamma}")
+        need(self.decoding != Decoding.HEADS or bool(num_heads), "decoding",
+             "decoding 'heads' needs a bundle with draft heads")
+        need(self.decoding != Decoding.DRAFT or has_draft, "decoding",
+             "decoding 'draft' needs a bundle with a draft model")
+        try:
+            self.sampling.validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc), str(exc).split()[0]) from None
 
 
 @dataclass
@@ -75,8 +119,21 @@ class GenerationStats:
 
     @property
     def mean_accepted_length(self) -> float:
-        """New tokens per target forward, the bonus token included (plain decoding: 1.0)."""
+        """New tokens per target forward: accepted + bonus + forced tokens. Plain decoding without
+        a rule gives 1.0; under a rule that forces tokens (a voice's phonemes) more."""
         return self.tokens / self.target_forwards if self.target_forwards else 0.0
+
+    def merge(self, other: GenerationStats) -> None:
+        """Add `other`'s counts to these: every number summed, every per-depth list summed by
+        position (a field added later is merged too)."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(mine, list):
+                mine += [0] * (len(theirs) - len(mine))
+                for i, v in enumerate(theirs):
+                    mine[i] += v
+            else:
+                setattr(self, f.name, mine + theirs)
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -1,7 +1,7 @@
 """A Llama-family decoder (RMSNorm, rotary positions, SwiGLU, grouped-query attention).
 
-Module and parameter names follow Hugging Face's `LlamaForCausalLM`, so a `model.safetensors`
-written by transformers loads name by name (see `HF_NAMES`) and ours loads in transformers.
+Module and parameter names are Hugging Face's `LlamaForCausalLM`'s, so a `model.safetensors` written
+by transformers loads name by name (`hf_parameter_names`) and ours loads in transformers.
 
 The forward pass never owns a cache: it reads and writes the persistent `models.kv_cache.KVCache`
 through a `models.kv_cache.BlockLayout` that says, for each sequence of the batch, which cache slot it
@@ -309,21 +309,21 @@ class LlamaForCausalLM(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
     def load_state_dict_hf(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Load transformers' parameter names; each one is mapped explicitly by `hf_names`."""
-        names = hf_names(self.config)
+        """Load a transformers checkpoint: each of `hf_parameter_names` (ours are the same)."""
+        names = hf_parameter_names(self.config)
         own = dict(self.named_parameters())
-        missing = [ours for ours, theirs in names.items() if theirs not in tensors
-                   and not (ours == "lm_head.weight" and self.config.tie_word_embeddings)]
+        missing = [name for name in names if name not in tensors
+                   and not (name == "lm_head.weight" and self.config.tie_word_embeddings)]
         if missing:
             raise ValueError(f"checkpoint lacks {missing[:4]}{'...' if len(missing) > 4 else ''}")
         with torch.no_grad():
-            for ours, theirs in names.items():
-                if theirs in tensors:
-                    param = own[ours]
-                    if param.shape != tensors[theirs].shape:
-                        raise ValueError(f"{theirs}: shape {tuple(tensors[theirs].shape)}, "
+            for name in names:
+                if name in tensors:
+                    param = own[name]
+                    if param.shape != tensors[name].shape:
+                        raise ValueError(f"{name}: shape {tuple(tensors[name].shape)}, "
                                          f"expected {tuple(param.shape)}")
-                    param.copy_(tensors[theirs])
+                    param.copy_(tensors[name])
 
     def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
         """Write config.json + model.safetensors (stored in `dtype`; loading converts back)."""
@@ -333,16 +333,15 @@ class LlamaForCausalLM(nn.Module):
         raw["torch_dtype"] = str(dtype).removeprefix("torch.")
         (path / "config.json").write_text(json.dumps(raw, indent=2))
         own = dict(self.named_parameters())
-        tensors = {theirs: own[ours].detach().to(dtype).contiguous().cpu()
-                   for ours, theirs in hf_names(self.config).items()
-                   if not (ours == "lm_head.weight" and self.config.tie_word_embeddings)}
+        tensors = {name: own[name].detach().to(dtype).contiguous().cpu()
+                   for name in hf_parameter_names(self.config)
+                   if not (name == "lm_head.weight" and self.config.tie_word_embeddings)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def hf_names(cfg: LlamaConfig) -> dict[str, str]:
-    """Our parameter name -> transformers' `LlamaForCausalLM` parameter name."""
-    names = {"model.embed_tokens.weight": "model.embed_tokens.weight",
-             "model.norm.weight": "model.norm.weight", "lm_head.weight": "lm_head.weight"}
+def hf_parameter_names(cfg: LlamaConfig) -> list[str]:
+    """The parameter names of transformers' `LlamaForCausalLM` for `cfg`, which are this module's
+    (tests/test_llama.py checks both against transformers)."""
     per_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
     per_layer += [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
     per_layer += ["input_layernorm.weight", "post_attention_layernorm.weight"]
@@ -350,10 +349,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
         per_layer += [f"self_attn.{p}_proj.bias" for p in "qkvo"]
     if cfg.mlp_bias:
         per_layer += [f"mlp.{p}_proj.bias" for p in ("gate", "up", "down")]
-    for i in range(cfg.num_hidden_layers):
-        for p in per_layer:
-            names[f"model.layers.{i}.{p}"] = f"model.layers.{i}.{p}"
-    return names
+    return (["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+            + [f"model.layers.{i}.{p}" for i in range(cfg.num_hidden_layers) for p in per_layer])
 
 
 def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
@@ -367,8 +364,4 @@ def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
-
-
-def param_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 

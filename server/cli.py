@@ -7,7 +7,7 @@ import json
 import sys
 
 from engine.decoding.sampling import SamplingParams
-from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, GenerationConfig
+from engine.types import ACCEPTS, DECODINGS, GenerationConfig, default_of, help_of
 from models.voices.bundle import PHONEME_DURATIONS
 from server.serve import add_serve_parser, cmd_serve
 
@@ -24,22 +24,27 @@ def _ids(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
 
 
-def add_generation_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--decoding", default="plain", help="|".join(DECODINGS))
-    p.add_argument("--accept", default="exact", help="|".join(ACCEPTS))
-    p.add_argument("--tau", type=int, default=2,
-                   help="tolerance: top-τ / τ samples (heads), the support of greedy draft")
-    p.add_argument("--beta", type=float, default=DEFAULT_BETA, help="draft + tolerance: SSD's β")
-    p.add_argument("--min-ratio", type=float, default=0.5,
-                   help="greedy tolerance: a top-τ token needs this share of the top token's probability")
-    p.add_argument("--gamma", type=int, default=4, help="draft: tokens drafted per round")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
-    p.add_argument("--repetition-window", type=int, default=64)
-    p.add_argument("--seed", type=int, default=None)
+# generation flags: name -> the dataclass whose field gives its default and help
+_GENERATION_FLAGS = {"max_new_tokens": GenerationConfig, "decoding": GenerationConfig,
+                     "accept": GenerationConfig, "tau": GenerationConfig, "beta": GenerationConfig,
+                     "min_ratio": GenerationConfig, "gamma": GenerationConfig,
+                     "temperature": SamplingParams, "top_k": SamplingParams,
+                     "top_p": SamplingParams, "repetition_penalty": SamplingParams,
+                     "repetition_window": SamplingParams, "seed": GenerationConfig}
+_CHOICES = {"decoding": DECODINGS, "accept": ACCEPTS}
+
+
+def add_generation_flags(p: argparse.ArgumentParser, **defaults) -> None:
+    """--max-new-tokens, --decoding, ... with the engine's defaults and help (`GenerationConfig`,
+    `SamplingParams`): one source, so a flag's default cannot drift from the engine's. `defaults`:
+    a command's own defaults for some of them."""
+    for name, cls in _GENERATION_FLAGS.items():
+        default = defaults.get(name, default_of(cls, name))
+        kind = int if name == "seed" else type(default)
+        # choices shown, checked by GenerationConfig.validate (one place, one message)
+        kwargs = {"metavar": "{" + ",".join(_CHOICES[name]) + "}"} if name in _CHOICES else {"type": kind}
+        p.add_argument(f"--{name.replace('_', '-')}", default=default,
+                       help=f"{help_of(cls, name)} (default: {default})", **kwargs)
 
 
 def generation_config(args: argparse.Namespace) -> GenerationConfig:
@@ -74,8 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--json", action="store_true", help="print one JSON object per text")
     syn.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default=None,
                      help="who ends each phoneme: the speech LM or espeak-ng (default: the voice's)")
-    add_generation_flags(syn)
-    syn.set_defaults(max_new_tokens=10**6)
+    add_generation_flags(syn, max_new_tokens=10**6)  # each sentence is capped by its phonemes
     add_serve_parser(sub)
 
     ben = sub.add_parser("bench", help="run a benchmark: engine | load | voice (bench/*.py); "

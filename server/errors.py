@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.serving.service import ServiceBusy
+from engine.types import ConfigError
 
 log = logging.getLogger("spectts.server")
 
@@ -86,6 +87,8 @@ def to_api_error(exc: BaseException, retry_after_s: int = 1) -> APIError:
         return exc
     if isinstance(exc, ServiceBusy):
         return busy(retry_after_s, str(exc))
+    if isinstance(exc, ConfigError):  # a generation setting the engine cannot run
+        return bad_request(str(exc), param=exc.param)
     if isinstance(exc, ValueError):  # the engine's and the frontend's "this request is invalid"
         return bad_request(str(exc))
     log.error("unexpected error", exc_info=exc)

@@ -90,7 +90,8 @@ class Metrics:
                                    ["position"], registry=r)
         self.accepted_length = Histogram(
             "spectts_accepted_length_tokens", "Mean tokens per target forward, one observation per "
-            "sentence (the bonus token included; plain decoding: 1)",
+            "sentence (bonus and forced tokens included: above 1 under a voice's rule even in plain "
+            "decoding)",
             buckets=_LENGTH_BUCKETS, registry=r)
 
     def _read(self, get: Callable[[TTSService], float]) -> float:

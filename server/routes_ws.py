@@ -100,8 +100,11 @@ class _Socket:
             if self.stream is not None:
                 raise errors.bad_request("a session is running: send input.done or cancel first",
                                          "session_active")
-            config = _validate(SessionConfig, msg)
-            self.config = self.state.resolve(config)
+            try:
+                self.config = self.state.resolve(_validate(SessionConfig, msg))
+            except errors.APIError as exc:
+                self.refused(exc)
+                raise
         elif kind == "input.text":
             piece = _validate(InputText, msg).text
             if self.stream is None:
@@ -126,14 +129,19 @@ class _Socket:
 
     async def start(self) -> None:
         """Open a session's stream with the last session.config."""
-        if self.config is None:
-            raise errors.bad_request("send session.config before input.text", "no_session_config")
-        service = self.state.require()
-        cfg, speed = self.config
         try:
-            stream = service.open(cfg, speed)
-        except Exception as exc:  # noqa: BLE001 — ServiceBusy: 503; ValueError: 400
-            raise errors.to_api_error(exc, self.state.settings.retry_after_s) from None
+            if self.config is None:
+                raise errors.bad_request("send session.config before input.text",
+                                         "no_session_config")
+            service = self.state.require()
+            cfg, speed = self.config
+            try:
+                stream = service.open(cfg, speed)
+            except Exception as exc:  # noqa: BLE001 — ServiceBusy: 503; ConfigError: 400
+                raise errors.to_api_error(exc, self.state.settings.retry_after_s) from None
+        except errors.APIError as exc:
+            self.refused(exc)
+            raise
         self.stream, self.chars = stream, 0
         self.pump = asyncio.create_task(self.run(stream))
 
@@ -175,6 +183,11 @@ class _Socket:
     def _end(self, stream: SpeechStream) -> None:
         if self.stream is stream:
             self.stream, self.pump = None, None
+
+    def refused(self, err: errors.APIError) -> None:
+        """A session refused before it started (a bad session.config, at capacity, not ready)
+        counts as a request with the refusal's status, as an HTTP one would."""
+        self.state.metrics.request(ROUTE, err.status, 0.0)
 
     async def send(self, payload: dict) -> None:
         async with self._send:

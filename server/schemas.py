@@ -1,6 +1,7 @@
 """Request bodies: OpenAI's speech request plus SpecTTS's decoding extensions, and the WebSocket's
 session.config. Static constraints live here; what depends on the loaded voice (model and voice names,
-the input length limit, the decoding modes the bundle supports) is checked in `routes_http.speech_job`.
+the input length limit: `server.speech.ServerState`; the decoding modes the bundle supports: the
+engine, when the request opens) is checked after parsing.
 """
 
 from __future__ import annotations

@@ -1,61 +1,51 @@
 """`spectts serve` (and `python -m server`): run the HTTP/WebSocket server.
 
-Every flag is optional: an unset flag leaves the setting to its SPECTTS_* environment variable, then
-to the default in `server.settings.Settings`. This module imports nothing heavy at import time, so
-`spectts synth` does not pay for the server's dependencies.
+Every flag is a field of `server.settings.Settings`, with the field's description as its help and its
+default in the help: one source, so a flag cannot drift from the setting. An unset flag leaves the
+setting to its SPECTTS_* environment variable, then to the default. Field `name_s` (seconds) is flag
+`--name`; a boolean that defaults to true is `--no-name`. The web stack (FastAPI, uvicorn) is imported
+only when the server starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
 
-_FLAGS: list[tuple[str, dict]] = [
-    ("--host", {"help": "bind address (default 127.0.0.1; 0.0.0.0 in the container)"}),
-    ("--port", {"type": int, "help": "TCP port (default 8000)"}),
-    ("--bundle", {"help": "voice bundle directory (default: the shipped voice)"}),
-    ("--device", {"choices": ("cpu", "cuda", "auto"), "help": "default auto"}),
-    ("--threads", {"type": int, "help": "torch threads (default 1 on CPU)"}),
-    ("--max-len", {"type": int, "help": "KV cache length per sequence (default 4096)"}),
-    ("--decoding", {"help": "default decoding: auto | plain | heads | draft"}),
-    ("--accept", {"help": "default acceptance: exact | tolerance | lossless"}),
-    ("--tau", {"type": int, "help": "tolerance: top-tau (default 2)"}),
-    ("--min-ratio", {"type": float, "help": "greedy tolerance: a top-tau token needs this share of "
-                                            "the top token's probability (default 0.5)"}),
-    ("--beta", {"type": float, "help": "draft + tolerance: SSD's beta (default 0.4)"}),
-    ("--gamma", {"type": int, "help": "draft: tokens drafted per round (default 4)"}),
-    ("--temperature", {"type": float, "help": "default sampling temperature (0: greedy)"}),
-    ("--max-input-chars", {"type": int, "help": "longest input text (default 4096)"}),
-    ("--max-batch", {"type": int, "help": "requests decoded together (default 16; 1: one at a "
-                                          "time)"}),
-    ("--queue-size", {"type": int, "help": "requests waiting beyond the batch (default 64)"}),
-    ("--max-queue-wait", {"type": float, "dest": "max_queue_wait_s",
-                          "help": "refuse new requests (503) once the oldest waiting one has "
-                                  "waited this long (default 2 s)"}),
-    ("--no-admission-control", {"action": "store_const", "const": False,
-                                "dest": "admission_control",
-                                "help": "refuse only when the queue is full or old, never from "
-                                        "the measured load"}),
-    ("--prefill-chunk", {"type": int, "help": "prompt tokens prefilled per step (default 64)"}),
-    ("--row-budget", {"type": int, "help": "speculative rows per step across the batch "
-                                           "(default 64; 0: no cap)"}),
-    ("--first-chunk-frames", {"type": int, "help": "speech frames (20 ms) in a sentence's first "
-                                                   "audio chunk (default 4)"}),
-    ("--chunk-frames", {"type": int, "help": "largest audio chunk in frames (default 40)"}),
-    ("--capacity-margin", {"type": float, "help": "admit streams while each is generated this "
-                                                  "much faster than real time (default 1.5)"}),
-    ("--prefix-cache-blocks", {"type": int, "help": "16-token prompt blocks kept for reuse "
-                                                    "(default 256; 0: off)"}),
-    ("--request-timeout", {"type": float, "dest": "request_timeout_s",
-                           "help": "seconds before a request is cancelled (default 300)"}),
-    ("--api-key", {"help": "require 'Authorization: Bearer KEY' (prefer SPECTTS_API_KEY: flags "
-                           "show in the process list)"}),
-    ("--log-level", {"choices": ("critical", "error", "warning", "info", "debug")}),
-]
+
+def _flag(name: str) -> str:
+    return "--" + name.removesuffix("_s").replace("_", "-")
+
+
+def _argument(name: str, info) -> tuple[str, dict]:
+    """The argparse flag and keyword arguments of one settings field."""
+    from pydantic import SecretStr
+
+    default = info.default
+    shown = "" if default is None else f" (default: {default})"
+    kwargs: dict = {"dest": name, "default": None, "help": (info.description or name) + shown}
+    kind = info.annotation
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # X | None -> X
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        if default is not True:
+            raise TypeError(f"setting {name}: only booleans that default to true have a flag")
+        return "--no-" + name.replace("_", "-"), {**kwargs, "action": "store_const", "const": False,
+                                                  "help": f"turn off: {info.description}"}
+    if typing.get_origin(kind) is typing.Literal:  # shown; checked by Settings, as the env is
+        kwargs["metavar"] = "{" + ",".join(map(str, typing.get_args(kind))) + "}"
+    elif kind is not SecretStr:
+        kwargs["type"] = kind
+    return _flag(name), kwargs
 
 
 def add_serve_flags(parser: argparse.ArgumentParser) -> None:
-    for flag, kwargs in _FLAGS:
-        parser.add_argument(flag, default=None, **kwargs)
+    from server.settings import Settings
+
+    for name, info in Settings.model_fields.items():
+        flag, kwargs = _argument(name, info)
+        parser.add_argument(flag, **kwargs)
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:

@@ -12,11 +12,20 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from engine.decoding.sampling import SamplingParams
 from engine.serving.deadlines import CAPACITY_MARGIN
-from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA
+from engine.types import ACCEPTS, DECODINGS, GenerationConfig, default_of, help_of
 from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS
 
 Device = Literal["cpu", "cuda", "auto"]
+
+
+def _engine_field(cls: type, name: str, **constraints):
+    """A setting whose default and description are the engine's (`GenerationConfig` /
+    `SamplingParams`), so they cannot drift apart."""
+    return Field(default_of(cls, name), description=help_of(cls, name), **constraints)
+
+
 Decoding = Literal[("auto", *DECODINGS)]
 Accept = Literal[ACCEPTS]
 
@@ -32,21 +41,20 @@ class Settings(BaseSettings):
 
     # --- model --------------------------------------------------------------------------------
     bundle: Path = Field(DEFAULT_VOICE, description="voice bundle directory")
-    device: Device = "auto"
+    device: Device = Field("auto", description="where the model runs (auto: CUDA when available)")
     threads: int | None = Field(None, ge=1, description="torch threads; default 1 on CPU")
     max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")
 
-    # --- default decoding (a request may override each) -----------------------------------------
+    # --- default decoding (a request may override each): defaults and help from the engine's -----
     decoding: Decoding = Field("auto", description="auto: the fastest decoding on this machine "
-                                                   "(and heads tree), measured at start")
-    accept: Accept = "exact"
-    tau: int = Field(2, ge=1, description="tolerance: top-tau / tau samples (heads), "
-                                          "the support of greedy draft")
-    beta: float = Field(DEFAULT_BETA, ge=0, description="draft + tolerance: SSD's beta")
-    min_ratio: float = Field(0.5, ge=0, le=1, description="greedy tolerance: a top-tau token needs "
-                                                          "this share of the top token's probability")
-    gamma: int = Field(4, ge=1, le=16, description="draft: tokens drafted per round")
-    temperature: float = Field(0.0, ge=0)
+                                                   "(and heads tree), measured at start; or "
+                                                   + help_of(GenerationConfig, "decoding"))
+    accept: Accept = _engine_field(GenerationConfig, "accept")
+    tau: int = _engine_field(GenerationConfig, "tau", ge=1)
+    beta: float = _engine_field(GenerationConfig, "beta", ge=0)
+    min_ratio: float = _engine_field(GenerationConfig, "min_ratio", ge=0, le=1)
+    gamma: int = _engine_field(GenerationConfig, "gamma", ge=1, le=16)
+    temperature: float = _engine_field(SamplingParams, "temperature", ge=0)
 
     # --- limits -------------------------------------------------------------------------------
     max_input_chars: int = Field(4096, ge=1, description="longest input text, in characters")
@@ -88,8 +96,10 @@ class Settings(BaseSettings):
 
     # --- access -------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="when set, every route but /health and "
-                                                        "/ready needs 'Authorization: Bearer KEY'")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+                                      "/ready needs 'Authorization: Bearer KEY' (prefer the "
+                                      "environment: flags show in the process list)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="server log level")
 
     @field_validator("api_key", mode="before")
     @classmethod

@@ -15,7 +15,7 @@ from engine.decoding.autotune import auto_config
 from engine.decoding.sampling import SamplingParams
 from engine.serving.service import SpeechStream, TTSService
 from engine.tts import TextToSpeech
-from engine.types import GenerationConfig
+from engine.types import ConfigError, GenerationConfig
 from server import errors
 from server.audio import supported_formats
 from server.metrics import Metrics
@@ -91,9 +91,10 @@ class ServerState:
 
     # --- requests ------------------------------------------------------------------------------
     def resolve(self, opts: SpeechOptions) -> tuple[GenerationConfig, float]:
-        """The request's GenerationConfig and speed; APIError 400 for unknown names or settings the
-        engine refuses (GenerationConfig.validate, modes the bundle lacks)."""
-        service = self.require()
+        """The request's GenerationConfig and speed; APIError 400 for unknown names. The engine
+        checks the config once, when the request opens (`TTSService.open`: ConfigError -> 400
+        naming the field)."""
+        self.require()
         if opts.model is not None and opts.model not in self.model_ids:
             raise errors.bad_request(f"unknown model {opts.model!r}; this server has "
                                      f"{', '.join(self.model_ids)}", "unknown_model", "model")
@@ -107,13 +108,7 @@ class ServerState:
         decoding = {k: getattr(opts, k) for k in ("decoding", "accept", "tau", "beta", "min_ratio",
                                                    "gamma", "seed")
                     if getattr(opts, k) is not None}
-        cfg = replace(cfg, sampling=replace(cfg.sampling, **sampling), **decoding)
-        tts = service.tts
-        try:
-            tts.engine.check([tts.layout.bos], cfg)
-        except ValueError as exc:
-            raise errors.bad_request(str(exc)) from None
-        return cfg, opts.speed
+        return replace(cfg, sampling=replace(cfg.sampling, **sampling), **decoding), opts.speed
 
     def check_input(self, text: str) -> str:
         if not text.strip():
@@ -138,6 +133,8 @@ async def start_speech(state: ServerState, text: str, cfg: GenerationConfig, spe
     loop = asyncio.get_running_loop()
     try:
         return await asyncio.to_thread(service.speak, text, cfg, speed, loop)
+    except ConfigError as exc:  # the engine cannot run this config (checked once, here)
+        raise errors.to_api_error(exc) from None
     except ValueError as exc:
         raise errors.bad_request(str(exc), "invalid_input", "input") from None
     except Exception as exc:  # ServiceBusy and anything unexpected

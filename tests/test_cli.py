@@ -61,3 +61,60 @@ def test_bench_subcommand_reaches_the_benchmark(name, capsys):
         main(["bench", name, "--help"])
     assert exc.value.code == 0
     assert "usage: spectts bench " + name in capsys.readouterr().out
+
+
+def _help_defaults(argv: list[str], capsys, monkeypatch) -> dict[str, str]:
+    """flag -> the default its --help states, e.g. {"--beta": "0.1"}."""
+    import re
+
+    monkeypatch.setenv("COLUMNS", "10000")  # one line per flag: argparse wraps at hyphens
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    text = capsys.readouterr().out
+    out = {}
+    for entry in re.split(r"\n(?=  -)", text):  # one entry per flag (help may start a line below)
+        found = re.search(r"\(default: ([^)]+)\)$", " ".join(entry.split()))
+        if entry.startswith("  --") and found:
+            out[entry.split()[0]] = found.group(1)
+    return out
+
+
+def test_serve_help_states_the_settings_defaults(capsys, monkeypatch):
+    """Every `spectts serve` flag is a setting, and its help states the setting's real default."""
+    from server.settings import Settings
+
+    stated = _help_defaults(["serve"], capsys, monkeypatch)
+    for name, info in Settings.model_fields.items():
+        flag = "--" + name.removesuffix("_s").replace("_", "-")
+        if info.default is None or info.annotation is bool:
+            continue
+        assert stated.get(flag) == str(info.default), (flag, stated.get(flag), info.default)
+    for flag in ("--beta", "--capacity-margin", "--max-queue-wait", "--request-timeout",
+                 "--tau", "--min-ratio", "--gamma", "--temperature", "--max-batch"):
+        assert flag in stated
+
+
+@pytest.mark.parametrize("command", ["generate", "synth"])
+def test_generation_flags_state_the_engine_defaults(command, capsys, monkeypatch):
+    from engine.decoding.sampling import SamplingParams
+
+    stated = _help_defaults([command], capsys, monkeypatch)
+    engine_defaults = {**{f: getattr(GenerationConfig(), f) for f in
+                          ("decoding", "accept", "tau", "beta", "min_ratio", "gamma")},
+                       **{f: getattr(SamplingParams(), f) for f in
+                          ("temperature", "top_k", "top_p", "repetition_penalty",
+                           "repetition_window")}}
+    for name, value in engine_defaults.items():
+        assert stated["--" + name.replace("_", "-")] == str(value)
+    max_new = stated["--max-new-tokens"]
+    assert max_new == (str(GenerationConfig().max_new_tokens) if command == "generate"
+                       else str(10**6))
+
+
+def test_synth_flags_reach_the_engine_config():
+    from server.cli import build_parser, generation_config
+
+    args = build_parser().parse_args(["synth", "Hi.", "--beta", "0.3", "--top-k", "5"])
+    cfg = generation_config(args)
+    assert (cfg.beta, cfg.sampling.top_k, cfg.max_new_tokens) == (0.3, 5, 10**6)
+    assert cfg.tau == GenerationConfig().tau

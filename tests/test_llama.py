@@ -206,3 +206,18 @@ def test_batched_forward_over_scattered_slots_equals_each_alone(gqa_config, slot
     for b, n in enumerate(nxt):
         assert torch.allclose(batched[b, :len(n)], alone[b], atol=1e-5)
     assert torch.equal(cache.k[:, [x for x in range(8) if x not in slots]], untouched)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_parameter_names_are_transformers(bias):
+    """`hf_parameter_names` lists transformers' parameters, and ours are the same."""
+    from models.llama import hf_parameter_names
+
+    cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=bias,
+                      mlp_bias=bias)
+    hf_cfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_dict().items()
+                                         if k not in ("torch_dtype", "eos_token_id")})
+    theirs = {n for n, _ in transformers.LlamaForCausalLM(hf_cfg).named_parameters()}
+    ours = {n for n, _ in LlamaForCausalLM(cfg).named_parameters()}
+    assert set(hf_parameter_names(cfg)) == theirs == ours

@@ -337,6 +337,32 @@ def scrape(client) -> dict[tuple[str, tuple], float]:
     return out
 
 
+def test_a_request_is_validated_once(client, monkeypatch):
+    """The config of one request is checked once (where it opens), not again per sentence."""
+    from engine.types import GenerationConfig
+
+    calls = []
+    validate = GenerationConfig.validate
+    monkeypatch.setattr(GenerationConfig, "validate",
+                        lambda cfg, *a: (calls.append(cfg), validate(cfg, *a))[1])
+    assert client.post("/v1/audio/speech", json={"input": TEXT, "tau": 3}).status_code == 200
+    assert [c.tau for c in calls] == [3]  # TEXT has two sentences
+
+
+def test_websocket_refusals_are_counted(live, client):
+    """A session refused before it starts counts in spectts_requests_total with its status."""
+    from websockets.sync.client import connect
+
+    before = scrape(client)
+    with connect(live.ws_url) as ws:
+        for message in ({"type": "input.text", "text": "Hi."},  # no session.config yet
+                        {"type": "session.config", "voice": "nobody"}):
+            ws.send(json.dumps(message))
+            assert json.loads(ws.recv(timeout=10))["type"] == "error"
+    key = ("spectts_requests_total", (("route", "/v1/audio/speech/stream"), ("status", "400")))
+    assert scrape(client).get(key, 0) - before.get(key, 0) == 2
+
+
 def test_metrics_move(client):
     before = scrape(client)
     assert client.post("/v1/audio/speech", json={"input": TEXT}).status_code == 200

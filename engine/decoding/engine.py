@@ -19,7 +19,7 @@ from engine.decoding.prefix_cache import PrefixCache
 from engine.decoding.sequence import Sequence
 from engine.decoding.speculative import Candidates, verify
 from engine.decoding.tree import default_accuracies, sparse_tree, validate_shape
-from engine.types import ACCEPTS, GenerationConfig, GenerationResult
+from engine.types import ACCEPTS, ConfigError, GenerationConfig, GenerationResult
 from models.kv_cache import KVCache
 from models.voices.bundle import Bundle, load_bundle
 from models.voices.rules import NoRule, TokenRule
@@ -125,8 +125,8 @@ class Engine:
         """Run sequences together to the end; results equal running each alone (prefill_chunk and
         row_budget: see `step`)."""
         rules = rules or [None] * len(prompts)
-        for prompt, cfg in zip(prompts, cfgs):
-            self.check(prompt, cfg)
+        for cfg in cfgs:
+            self.check_config(cfg)
         seqs: list[Sequence] = []
         try:
             for prompt, cfg, rule in zip(prompts, cfgs, rules):
@@ -144,10 +144,18 @@ class Engine:
         return [s.result() for s in seqs]
 
     # --- sequence lifecycle (the scheduler's surface) ----------------------------------------------
-    def check(self, prompt: list[int], cfg: GenerationConfig) -> None:
-        """ValueError for a request the engine cannot run."""
+    def check_config(self, cfg: GenerationConfig) -> None:
+        """ConfigError for a config this bundle cannot run: once per request, where it enters."""
         cfg.validate(self.heads.num_heads if self.heads is not None else None,
                      self.draft is not None)
+        if cfg.tree is not None:
+            try:
+                validate_shape(list(cfg.tree), self.heads.num_heads)
+            except ValueError as exc:
+                raise ConfigError(str(exc), "tree") from None
+
+    def check_prompt(self, prompt: list[int]) -> None:
+        """ValueError for a prompt the engine cannot run (each sentence's, in `add`)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         bad = [t for t in prompt if not 0 <= t < self.vocab_size]
@@ -155,12 +163,12 @@ class Engine:
             raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if len(prompt) >= self.max_len:
             raise ValueError(f"the prompt has {len(prompt)} tokens; the cache holds {self.max_len}")
-        if cfg.tree is not None:
-            validate_shape(list(cfg.tree), self.heads.num_heads)
 
     def add(self, prompt: list[int], cfg: GenerationConfig, rule: TokenRule | None = None
             ) -> Sequence:
-        self.check(prompt, cfg)
+        """A new sequence in a free cache slot. `cfg` has passed `check_config` (the caller's, once
+        per request); the prompt is checked here."""
+        self.check_prompt(prompt)
         if cfg.decoding == "draft" and self.draft_cache.slots_in_use >= self.draft_cache.max_batch:
             raise RuntimeError("no free draft cache slot")
         seed = cfg.seed if cfg.seed is not None else random.randrange(2**63)

@@ -8,18 +8,21 @@ All functions work on one position's logits, a float32 (V,) tensor on the CPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0  # 1: off
-    repetition_penalty: float = 1.0  # 1: off; > 1 discourages tokens of the recent window
-    repetition_window: int = 64  # how many of the latest tokens the penalty looks at
+    # metadata["help"]: the one help text of the CLI flag, the server setting and the API field
+    temperature: float = field(default=0.0, metadata={"help": "sampling temperature (0: greedy)"})
+    top_k: int = field(default=0, metadata={"help": "sample among the k most likely (0: off)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling mass (1: off)"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "> 1 discourages the tokens of the recent window (1: off)"})
+    repetition_window: int = field(default=64, metadata={
+        "help": "how many of the latest tokens the repetition penalty looks at"})
 
     def validate(self) -> None:
         if not self.temperature >= 0:

@@ -30,17 +30,6 @@ def validate_shape(shape: list[Path], num_heads: int) -> list[Path]:
     return paths
 
 
-def expected_length(shape: list[Path], accuracies: list[list[float]]) -> float:
-    """1 + Σ over nodes of Π accuracies[depth][rank] along the path."""
-    total = 1.0
-    for path in shape:
-        prob = 1.0
-        for depth, rank in enumerate(path):
-            prob *= accuracies[depth][rank] if rank < len(accuracies[depth]) else 0.0
-        total += prob
-    return total
-
-
 def sparse_tree(accuracies: list[list[float]], num_nodes: int) -> list[Path]:
     """Greedy best-first choice of `num_nodes` paths. accuracies[k][i]: how often head k+1's rank-i
     token is the right one (measured on held-out data)."""

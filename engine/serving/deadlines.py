@@ -103,9 +103,8 @@ class Policy:
         return None
 
 
-# streams are admitted while each would be decoded this much faster than real time. 1.5 until
-# session 7: with the compiled decoder's faster steps it admitted more streams and N = 16 stalled
-# 99-160 ms in 3 of 6 load runs; 2.0: at most 53 ms in 4, the same audio s / wall s
+# streams are admitted while each would be decoded this much faster than real time: the room left
+# for step-to-step variation, so that admitted streams do not stall (measurements: docs/serving.md)
 CAPACITY_MARGIN = 2.0
 
 

@@ -17,13 +17,13 @@ import queue
 import re
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.decoding.sequence import Sequence
 from engine.serving.deadlines import CAPACITY_MARGIN, Capacity, Playback, Policy
-from engine.tts import SentencePlan, TextToSpeech, merge_stats, stretch
+from engine.tts import SentencePlan, TextToSpeech, stretch
 from engine.types import GenerationConfig, GenerationStats
 from models.voices import interleaved
 
@@ -198,12 +198,19 @@ class TTSService:
 
     def open(self, cfg: GenerationConfig, speed: float = 1.0,
              loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
-        """A new request; ServiceBusy when the queue is full or the running streams cannot take
+        """A new request whose text follows (`add_text`, `end_input`). ConfigError for a config the
+        engine cannot run; ServiceBusy when the queue is full or the running streams cannot take
         more (`overloaded`)."""
-        self.tts.engine.check([self.tts.layout.bos], cfg)  # ValueError for a bad config, now
+        self._admit(cfg)
+        return self._enqueue(SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop()))
+
+    def _admit(self, cfg: GenerationConfig) -> None:
+        """The request's one validation and the admission check, before any work is done for it."""
+        self.tts.engine.check_config(cfg)
         if (reason := self.overloaded()) is not None:
             raise ServiceBusy(reason)
-        stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop())
+
+    def _enqueue(self, stream: SpeechStream) -> SpeechStream:
         try:
             self._waiting.put_nowait(stream)
         except queue.Full:
@@ -381,7 +388,7 @@ class TTSService:
             stream.playback.sent(seconds, time.perf_counter())
             stream.emit(Event("audio", sent.index, audio=np.clip(chunk, -1, 1)))
         if sent.seq.finished:
-            merge_stats(stream.stats, sent.seq.stats)
+            stream.stats.merge(sent.seq.stats)
             stream.emit(Event("sentence_done", sent.index, stats=sent.seq.stats.to_dict()))
             self.tts.engine.release(sent.seq)
             stream.current = None
@@ -403,10 +410,8 @@ class TTSService:
     def speak(self, text: str, cfg: GenerationConfig, speed: float = 1.0,
               loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
         """A whole-text request, phonemised once, here (ValueError now for unspeakable text)."""
-        if (reason := self.overloaded()) is not None:  # before phonemising: refusals stay cheap
-            raise ServiceBusy(reason)
-        plans = self.tts.plan(text)
-        stream = self.open(replace(cfg), speed, loop)
-        stream.queued.extend(plans)  # before end_input: the engine thread then starts them in order
+        self._admit(cfg)  # before phonemising: refusals stay cheap
+        stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop())
+        stream.queued.extend(self.tts.plan(text))  # the engine thread starts them in order
         stream.end_input()
-        return stream
+        return self._enqueue(stream)

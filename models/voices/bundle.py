@@ -5,8 +5,8 @@
      "draft": "draft",                    # optional: a smaller Llama directory, same vocabulary
      "heads": {"file": "heads.safetensors", "num_heads": 4,
                "accuracies": [[...], ...], "tree_nodes": 64, "tree": null},   # optional
-     "tokens": {"phonemes": [lo, hi], "speech": [lo, hi],
-                "bos": 0, "sep": 1, "eop": 2, "eos": 3},                     # optional
+     "tokens": {"phonemes": [5, 133], "speech": [133, 645],
+                "bos": 1, "sep": 2, "eop": 3, "eos": 4},                     # optional
      ...}                                 # other parts (vocoder, frontend) are read by their owners
 
 A bare Hugging Face Llama directory is a bundle with only a target.
