@@ -7,7 +7,8 @@ import random
 import pytest
 import torch
 
-from engine.decoding.engine import Engine, plan_forwards
+from engine.decoding.engine import Engine
+from engine.decoding.plan import plan_forwards
 from engine.serving.deadlines import Playback, Policy
 from engine.types import GenerationConfig
 
@@ -117,7 +118,8 @@ def run(engine, prompts, cfgs, **knobs):
         if waiting:
             i, p, c = waiting.pop(0)
             seqs.append((i, engine.add(p, c)))
-        engine.step([s for _, s in seqs], **knobs)
+        running = [s for _, s in seqs]
+        engine.step(running, engine.plan(running, **knobs))
         for i, s in [x for x in seqs if x[1].finished]:
             out[i] = s.result()
             engine.release(s)
@@ -147,7 +149,7 @@ def test_newcomers_arriving_together_share_one_prefill_budget(engine):
     gen = torch.Generator().manual_seed(3)
     runner = engine.add(torch.randint(0, 96, (4,), generator=gen).tolist(),
                         GenerationConfig(max_new_tokens=40))
-    engine.step([runner], prefill_chunk=8)  # running now: its prompt is in the cache
+    engine.step([runner], engine.plan([runner], prefill_chunk=8))  # running now: its prompt is in the cache
     prompts = [torch.randint(0, 96, (n,), generator=gen).tolist() for n in (10, 6, 5)]
     cfg = GenerationConfig(max_new_tokens=5)
     newcomers = [engine.add(p, cfg) for p in prompts]
@@ -155,13 +157,14 @@ def test_newcomers_arriving_together_share_one_prefill_budget(engine):
     seen = []
     for _ in range(3):
         before, tokens = cached(), len(runner.tokens)
-        engine.step([runner, *newcomers], prefill_chunk=8)
+        engine.step([runner, *newcomers], engine.plan([runner, *newcomers], prefill_chunk=8))
         seen.append(cached())
         assert sum(seen[-1]) - sum(before) <= 8 + len(newcomers)  # + each one's first decision
         assert len(runner.tokens) > tokens  # never stalled
     assert seen[0] == [8, 0, 0] and seen[1][:2] == [10, 6]  # in line: 8, then 2 + 6
     while not all(s.finished for s in newcomers):
-        engine.step([s for s in (runner, *newcomers) if not s.finished], prefill_chunk=8)
+        live = [s for s in (runner, *newcomers) if not s.finished]
+        engine.step(live, engine.plan(live, prefill_chunk=8))
     results = [s.result().tokens for s in newcomers]
     for s in (runner, *newcomers):
         engine.release(s)

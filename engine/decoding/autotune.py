@@ -19,7 +19,7 @@ import statistics
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from engine.types import GenerationConfig
+from engine.types import Decoding, GenerationConfig
 
 if TYPE_CHECKING:
     from engine.tts import TextToSpeech
@@ -42,14 +42,14 @@ class Measured:
 def candidates(tts: TextToSpeech, cfg: GenerationConfig) -> list[tuple[str, GenerationConfig]]:
     """Every decoding the bundle supports, with `cfg`'s other settings; heads once per tree size."""
     engine = tts.engine
-    out = [("plain", replace(cfg, decoding="plain", tree=None))]
+    out = [("plain", replace(cfg, decoding=Decoding.PLAIN, tree=None))]
     if engine.heads is not None:
         default = len(engine.default_trees[cfg.accept])
         for n in sorted({default, *(n for n in TREE_SIZES if n < default)}):
             tree = engine.heads_tree(cfg.accept, n)
-            out.append((f"heads {n} nodes", replace(cfg, decoding="heads", tree=tree)))
+            out.append((f"heads {n} nodes", replace(cfg, decoding=Decoding.HEADS, tree=tree)))
     if engine.draft is not None:
-        out.append(("draft", replace(cfg, decoding="draft", tree=None)))
+        out.append(("draft", replace(cfg, decoding=Decoding.DRAFT, tree=None)))
     return out
 
 
@@ -72,7 +72,7 @@ def measure(tts: TextToSpeech, text: str, cfg: GenerationConfig, rounds: int = 3
 def fastest(measured: list[Measured], margin: float = 1.0) -> Measured:
     """The highest tokens/s; a speculative mode must beat plain by `margin` to be chosen."""
     def score(m: Measured) -> float:
-        return m.tokens_per_s / (margin if m.cfg.decoding != "plain" else 1.0)
+        return m.tokens_per_s / (margin if m.cfg.decoding != Decoding.PLAIN else 1.0)
     return max(measured, key=score)
 
 
@@ -82,6 +82,6 @@ def auto_config(tts: TextToSpeech, text: str, cfg: GenerationConfig, rounds: int
     that asks for heads gets that tree too. Also returns the measurements."""
     measured = measure(tts, text, cfg, rounds)
     best = fastest(measured, SPECULATION_MARGIN)
-    heads = [m for m in measured if m.cfg.decoding == "heads"]
+    heads = [m for m in measured if m.cfg.decoding == Decoding.HEADS]
     tree = fastest(heads).cfg.tree if heads else None
     return replace(best.cfg, tree=tree), measured

@@ -15,46 +15,15 @@ import torch
 
 from engine.decoding.draft_proposer import chain, pad_blocks, propose_drafts
 from engine.decoding.heads_proposer import build_tree, max_ranks
+from engine.decoding.plan import SeqView, StepPlan, plan_step
 from engine.decoding.prefix_cache import PrefixCache
 from engine.decoding.sequence import Sequence
 from engine.decoding.speculative import Candidates, verify
 from engine.decoding.tree import default_accuracies, sparse_tree, validate_shape
-from engine.types import ACCEPTS, ConfigError, GenerationConfig, GenerationResult
+from engine.types import ACCEPTS, Accept, ConfigError, Decoding, GenerationConfig, GenerationResult
 from models.kv_cache import KVCache
 from models.voices.bundle import Bundle, load_bundle
 from models.voices.rules import NoRule, TokenRule
-
-
-# a forward costs about as much as this many more real rows, whatever its size (CPU, small model)
-FORWARD_OVERHEAD_ROWS = 12
-# a padding row costs this share of a real row: real rows alone go through the projections (packed),
-# padding exists only inside attention
-PADDING_ROW_COST = 0.25
-
-
-def plan_forwards(lengths: list[int], overhead: float = FORWARD_OVERHEAD_ROWS,
-                  padding_cost: float = PADDING_ROW_COST) -> list[list[int]]:
-    """Split blocks of these lengths into groups, one padded forward each, minimising the padding
-    (group size x its longest block, less its real rows, times `padding_cost`) plus `overhead` per
-    forward: a newcomer's prompt chunk is not padded onto every running sequence's one-token block.
-    Groups are contiguous in length order (dynamic programming over the sorted lengths)."""
-    order = sorted(range(len(lengths)), key=lambda b: lengths[b])
-    n = len(order)
-    best = [0.0] + [float("inf")] * n  # best[j]: cost of the first j blocks (sorted)
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        real = 0
-        for i in range(j - 1, -1, -1):  # group = sorted blocks i .. j-1
-            real += lengths[order[i]]
-            padding = (j - i) * lengths[order[j - 1]] - real
-            cost = best[i] + padding * padding_cost + overhead
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    groups, j = [], n
-    while j > 0:
-        groups.append(order[cut[j]:j])
-        j = cut[j]
-    return groups[::-1]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -111,7 +80,7 @@ class Engine:
         heads' measured accuracies under this accept rule (tolerance accepts more)."""
         spec = self.bundle.heads_spec
         exact = spec.accuracies or default_accuracies(spec.num_heads)
-        return tuple(sparse_tree((spec.accuracies_tolerance or exact) if accept == "tolerance"
+        return tuple(sparse_tree((spec.accuracies_tolerance or exact) if accept == Accept.TOLERANCE
                                  else exact, nodes))
 
     # --- public calls -------------------------------------------------------------------------
@@ -123,7 +92,7 @@ class Engine:
                        rules: list[TokenRule | None] | None = None, prefill_chunk: int = 0,
                        row_budget: int = 0) -> list[GenerationResult]:
         """Run sequences together to the end; results equal running each alone (prefill_chunk and
-        row_budget: see `step`)."""
+        row_budget: see `engine.decoding.plan`)."""
         rules = rules or [None] * len(prompts)
         for cfg in cfgs:
             self.check_config(cfg)
@@ -133,7 +102,7 @@ class Engine:
                 seqs.append(self.add(prompt, cfg, rule))
             active = list(seqs)
             while active:
-                self.step(active, prefill_chunk, row_budget)
+                self.step(active, self.plan(active, prefill_chunk, row_budget))
                 for s in active:
                     if s.finished:  # its slots go back now: the others move down into them
                         self.release(s)
@@ -169,11 +138,11 @@ class Engine:
         """A new sequence in a free cache slot. `cfg` has passed `check_config` (the caller's, once
         per request); the prompt is checked here."""
         self.check_prompt(prompt)
-        if cfg.decoding == "draft" and self.draft_cache.slots_in_use >= self.draft_cache.max_batch:
+        if cfg.decoding == Decoding.DRAFT and self.draft_cache.slots_in_use >= self.draft_cache.max_batch:
             raise RuntimeError("no free draft cache slot")
         seed = cfg.seed if cfg.seed is not None else random.randrange(2**63)
         slot = self.cache.allocate()
-        draft_slot = self.draft_cache.allocate() if cfg.decoding == "draft" else None
+        draft_slot = self.draft_cache.allocate() if cfg.decoding == Decoding.DRAFT else None
         seq = Sequence(prompt=list(prompt), cfg=cfg, rule=rule or NoRule(), slot=slot,
                        draft_slot=draft_slot, generator=torch.Generator().manual_seed(seed),
                        eos=self.eos)
@@ -197,55 +166,35 @@ class Engine:
         """Its prompt is not all in the cache yet (a newcomer, or one whose prompt is chunked)."""
         return self.cache.lengths[seq.slot] < len(seq.prompt)
 
-    # --- one step -----------------------------------------------------------------------------
-    @torch.inference_mode()
-    def step(self, seqs: list[Sequence], prefill_chunk: int = 0, row_budget: int = 0) -> None:
-        """Advance every sequence by one target forward.
+    # --- one step: plan, then execute and commit -----------------------------------------------
+    def plan(self, seqs: list[Sequence], prefill_chunk: int = 0, row_budget: int = 0) -> StepPlan:
+        """The next step for these sequences, in priority order (`engine.decoding.plan`)."""
+        views = []
+        for s in seqs:
+            cached = self.cache.lengths[s.slot]
+            pending = len(s.tokens) - cached
+            views.append(SeqView(pending=pending, room=self.max_len - cached - pending,
+                                 prefilling=cached < len(s.prompt),
+                                 speculates=s.cfg.decoding != Decoding.PLAIN))
+        return plan_step(views, prefill_chunk, row_budget)
 
-        prefill_chunk > 0: the step writes at most that many prompt tokens in all, so newcomers'
-        prompts never stall the running sequences for long, even when several arrive together:
-        prompts are served in the order of `seqs` (the caller's priority); one with more pending
-        than the budget has left writes the next part of it, one with nothing left sits this step
-        out.
-        row_budget > 0: cap the candidate rows of the step (pending tokens included) by giving each
-        speculating sequence at most (budget - pending) / speculators candidates: under load, small
-        trees keep a batched forward cheap; alone, a sequence gets its whole tree.
-        """
-        self._pack(seqs)
-        pending = [s.tokens[self.cache.lengths[s.slot]:] for s in seqs]
-        room = [self.max_len - self.cache.lengths[s.slot] - len(p) for s, p in zip(seqs, pending)]
-        for s, r in zip(seqs, room):
-            if r < 0:
-                s.finish("cache")
-        live = [b for b, s in enumerate(seqs) if not s.finished]
-        if not live:
+    @torch.inference_mode()
+    def step(self, seqs: list[Sequence], plan: StepPlan | None = None) -> None:
+        """Execute `plan` (default: `self.plan(seqs)`, no budgets) over `seqs`, the sequences it was
+        made for: propose, one target forward per group, verify, commit."""
+        plan = plan or self.plan(seqs)
+        for i in plan.out_of_room:
+            seqs[i].finish("cache")
+        if not plan.scheduled:
             return
-        seqs, pending, room = ([xs[b] for b in live] for xs in (seqs, pending, room))
-        if prefill_chunk > 0:  # the step's prompt-token budget, most urgent first
-            left, share = prefill_chunk, []  # share: the pending tokens each writes this step
-            for s, p in zip(seqs, pending):
-                n = len(p)
-                if self.prefilling(s):
-                    n = min(n, left)
-                    left -= n
-                share.append(n)
-            keep = [b for b, n in enumerate(share) if n > 0]
-            if not keep:
-                return
-            seqs, pending, room, share = ([xs[b] for b in keep] for xs in (seqs, pending, room, share))
-        else:
-            share = [len(p) for p in pending]
-        chunked = [n < len(p) for n, p in zip(share, pending)]
-        blocks = [p[:n] for p, n in zip(pending, share)]
-        room = [0 if ch else r for r, ch in zip(room, chunked)]
-        if row_budget > 0:
-            spec = {b for b, s in enumerate(seqs) if s.cfg.decoding != "plain" and room[b] > 0}
-            if spec:
-                cap = max(1, (row_budget - sum(map(len, blocks))) // len(spec))
-                room = [min(r, cap) if b in spec else r for b, r in enumerate(room)]
-        cands = self._propose(seqs, pending, room)
-        for group in plan_forwards([len(p) + len(c) for p, c in zip(blocks, cands)]):
-            self._verify([seqs[b] for b in group], [blocks[b] for b in group],
+        self._pack(seqs)
+        run = [seqs[x.index] for x in plan.scheduled]
+        pending = [s.tokens[self.cache.lengths[s.slot]:] for s in run]
+        blocks = [p[:x.write] for p, x in zip(pending, plan.scheduled)]
+        cands = self._propose(run, pending, [x.max_candidates for x in plan.scheduled])
+        chunked = [x.chunked for x in plan.scheduled]
+        for group in plan.forward_groups([len(c) for c in cands]):
+            self._verify([run[b] for b in group], [blocks[b] for b in group],
                          [cands[b] for b in group], [chunked[b] for b in group])
 
     def _pack(self, seqs: list[Sequence]) -> None:
@@ -305,7 +254,7 @@ class Engine:
                  ) -> list[Candidates]:
         cands = [Candidates() for _ in seqs]
         by_heads = [b for b, s in enumerate(seqs)
-                    if s.cfg.decoding == "heads" and s.last_hidden is not None and room[b] > 0]
+                    if s.cfg.decoding == Decoding.HEADS and s.last_hidden is not None and room[b] > 0]
         if by_heads:
             shapes = [seqs[b].cfg.tree if seqs[b].cfg.tree is not None
                       else self.default_trees[seqs[b].cfg.accept] for b in by_heads]
@@ -318,7 +267,7 @@ class Engine:
                 s = seqs[b]
                 cands[b] = build_tree(head_logits[i], shape, s.rule, s.end_state,
                                       len(pending[b]) - 1, max_nodes=room[b])
-        by_draft = [b for b, s in enumerate(seqs) if s.cfg.decoding == "draft"]
+        by_draft = [b for b, s in enumerate(seqs) if s.cfg.decoding == Decoding.DRAFT]
         if by_draft:
             # a chain no longer than the tokens the sequence may still add (forced tokens join
             # it without a draft forward, and a rule may force long runs)

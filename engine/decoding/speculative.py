@@ -15,7 +15,7 @@ from typing import Hashable
 import torch
 
 from engine.decoding.sampling import (SamplingParams, choose, distribution, draw, process, residual)
-from engine.types import GenerationConfig
+from engine.types import Accept, Decoding, GenerationConfig
 from models.voices.rules import TokenRule
 
 
@@ -101,12 +101,12 @@ def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: Sampl
     if not kids:
         return None, choose(proc, params, gen), False
     token_of = {cands.tokens[k]: k for k in reversed(kids)}  # first-ranked child wins a tie
-    if cfg.accept == "exact" or (cfg.accept == "lossless" and decoding == "heads"):
+    if cfg.accept == Accept.EXACT or (cfg.accept == Accept.LOSSLESS and decoding == Decoding.HEADS):
         # the target's own choice (argmax, or one draw); accepted iff a child carries it. With a
         # sample this keeps the target's distribution exactly (the heads' lossless rule).
         own = choose(proc, params, gen)
         return token_of.get(own), own, False
-    if decoding == "heads":  # tolerance τ (VADUSA)
+    if decoding == Decoding.HEADS:  # tolerance τ (VADUSA)
         if params.greedy:
             allowed = top_tau(proc, cfg.tau, cfg.min_ratio)
         else:
@@ -119,7 +119,7 @@ def _judge(kids: list[int], cands: Candidates, proc: torch.Tensor, params: Sampl
     # draft model: one child, drawn from p = draft_probs
     (kid,) = kids
     token, p = cands.tokens[kid], cands.draft_probs[kid]
-    if cfg.accept == "lossless":
+    if cfg.accept == Accept.LOSSLESS:
         if params.greedy:  # both distributions are one-hot: speculative sampling = exact match
             own = int(proc.argmax())
             return (kid, -1, False) if own == token else (None, own, False)

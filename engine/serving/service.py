@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from engine.decoding.plan import StepPlan
 from engine.decoding.sequence import Sequence
 from engine.serving.deadlines import CAPACITY_MARGIN, Capacity, Playback, Policy
 from engine.tts import SentencePlan, TextToSpeech, stretch
@@ -149,7 +150,7 @@ class TTSService:
                  chunk_frames: int = 40, policy: Policy = Policy(), prefill_chunk: int = 64,
                  row_budget: int = 64, capacity_margin: float = CAPACITY_MARGIN) -> None:
         """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`chunk_size`); prefill_chunk and
-        row_budget: see Engine.step; capacity_margin: see `Capacity`."""
+        row_budget: see `engine.decoding.plan`; capacity_margin: see `Capacity`."""
         self.tts = tts
         self.max_active = tts.engine.cache.max_batch
         # chunks never shrink below the first one's size (`chunk_size`)
@@ -256,13 +257,14 @@ class TTSService:
                 self._wake.clear()
                 continue
             start = time.perf_counter()
-            chosen = self.policy.select(running, start)
+            chosen = self.policy.select(running, start)  # who runs, most urgent first
+            seqs = [s.current.seq for s in chosen]
+            plan = self.tts.engine.plan(seqs, self.prefill_chunk, self.row_budget)
+            self._step(seqs, chosen, plan)
+            decoded = self._collect([s for s in chosen if s.current is not None])
             # the capacity model learns from decoding steps: a prompt's prefill is paid once per
             # sentence, and newcomers arriving together would make a batch look far dearer
-            decoding = not any(self.tts.engine.prefilling(s.current.seq) for s in chosen)
-            self._step([s.current.seq for s in chosen], chosen)
-            decoded = self._collect([s for s in chosen if s.current is not None])
-            if decoding:
+            if not plan.prefill:
                 self.capacity.record(len(chosen), time.perf_counter() - start, decoded)
             self._active = [s for s in self._active if not s.closed]
             self.steps += 1
@@ -293,15 +295,15 @@ class TTSService:
         except Exception as exc:  # noqa: BLE001 — this request fails, the loop goes on
             self._close(stream, Event("error", error=exc))
 
-    def _step(self, seqs: list[Sequence], streams: list[SpeechStream]) -> None:
-        engine, chunk, budget = self.tts.engine, self.prefill_chunk, self.row_budget
+    def _step(self, seqs: list[Sequence], streams: list[SpeechStream], plan: StepPlan) -> None:
+        engine = self.tts.engine
         try:
-            engine.step(seqs, prefill_chunk=chunk, row_budget=budget)
+            engine.step(seqs, plan)
         except Exception:  # noqa: BLE001 — find the request at fault: step each alone
             for seq, stream in zip(seqs, streams):
                 try:
                     if not seq.finished:
-                        engine.step([seq], prefill_chunk=chunk, row_budget=budget)
+                        engine.step([seq], engine.plan([seq], self.prefill_chunk, self.row_budget))
                 except Exception as exc:  # noqa: BLE001
                     self._fail(stream, exc, "request failed inside the engine step")
 
