@@ -8,7 +8,7 @@ bundle that has a token layout, prompts are `[BOS] phonemes [SEP]` and decoding 
 interleaved rule (forced phonemes). Batch 1, CPU unless --device says otherwise. Prints a table and
 writes JSON to bench/results/engine.json. `--compare-torch-forward` runs every mode a second time,
 side by side, with decoding forwards in torch instead of the compiled decoder
-(`Engine(numpy_decode=False)`).
+(`Engine(runner="torch")`).
 """
 
 from __future__ import annotations
@@ -110,23 +110,23 @@ def forward_cost(engine: Engine, rows: list[int], batch: int = 1, context: int =
     """Median ms of one target forward (logits of every row included) in which each of `batch`
     sequences with `context` cached tokens appends `rows` tokens as a chain: at batch 1 what verifying
     a tree of that size costs, with one row what a step of continuous batching costs."""
-    model, cfg = engine.target, engine.target.config
+    run, cfg = engine.target_runner, engine.target.config
     cache = KVCache(cfg.num_hidden_layers, batch, cfg.num_key_value_heads, context + max(rows),
-                    cfg.head_dim, next(model.parameters()).dtype, engine.device)
+                    cfg.head_dim, next(engine.target.parameters()).dtype, engine.device)
     slots = [cache.allocate() for _ in range(batch)]
     prefix = torch.zeros(batch, context, dtype=torch.long, device=engine.device)
-    model(prefix, cache, cache.layout(slots, [list(range(-1, context - 1))] * batch))
+    run.forward(prefix, cache, cache.layout(slots, [list(range(-1, context - 1))] * batch))
     for slot in slots:
         cache.commit(slot, list(range(context)))
     out = {}
     for n in rows:
         ids = torch.zeros(batch, n, dtype=torch.long, device=engine.device)
         layout = cache.layout(slots, [list(range(-1, n - 1))] * batch)
-        model(ids, cache, layout)  # warm-up
+        run.forward(ids, cache, layout)  # warm-up
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            model.logits(model(ids, cache, layout)).cpu()
+            engine.target.logits(run.forward(ids, cache, layout)).cpu()  # (B, n, V) in torch
             times.append(time.perf_counter() - t0)
         out[n] = 1000 * statistics.median(times)
     return out
@@ -163,7 +163,7 @@ def main() -> None:
     engines = {"": Engine(copy.deepcopy(bundle) if args.compare_torch_forward else bundle,
                           max_batch=1, max_len=4096)}
     if args.compare_torch_forward:
-        engines[" [torch fwd]"] = Engine(bundle, max_batch=1, max_len=4096, numpy_decode=False)
+        engines[" [torch fwd]"] = Engine(bundle, max_batch=1, max_len=4096, runner="torch")
     engine = engines[""]
     prompts = make_prompts(bundle, args.prompts, args.prompt_len, seed=0)
     # stop at the end of speech when a rule decides it; otherwise a fixed length for every mode
@@ -197,7 +197,8 @@ def main() -> None:
     base = results["plain"]["tokens_per_s"]
     params = sum(p.numel() for p in bundle.target.parameters())
     print(f"\nbundle: {args.bundle or 'random weights'} ({params / 1e6:.1f}M target params), "
-          f"device {device}, torch threads {torch.get_num_threads()}, batch 1, greedy, "
+          f"device {device}, runner {engine.runner}, torch threads {torch.get_num_threads()}, "
+          f"batch 1, greedy, "
           f"{args.prompts} prompts, median of each")
     print(f"{'mode':36s} {'tokens/s':>10s} {'vs plain':>9s} {'accepted len':>13s} {'fwd/token':>10s}")
     for name, r in results.items():
@@ -210,7 +211,7 @@ def main() -> None:
           + ", ".join(f"B={b} {ms:.2f} ms ({ms / batched[1]:.2f}x)" for b, ms in batched.items()))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"bundle": args.bundle, "device": str(device),
+    out.write_text(json.dumps({"bundle": args.bundle, "device": str(device), "runner": engine.runner,
                                "threads": torch.get_num_threads(), "results": results,
                                "forward_ms_by_rows": costs, "forward_ms_by_batch": batched},
                               indent=2))

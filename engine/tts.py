@@ -57,13 +57,14 @@ def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]
 class TextToSpeech:
     def __init__(self, bundle_path: str | Path = DEFAULT_VOICE, device: str = "cpu",
                  max_batch: int = 8, max_len: int = 4096, prefix_blocks: int = 0,
-                 phoneme_coverage: float | None = None, phoneme_durations: str | None = None
-                 ) -> None:
+                 phoneme_coverage: float | None = None, phoneme_durations: str | None = None,
+                 runner: str = "auto") -> None:
         """phoneme_coverage: restrict each phoneme's speech tokens to those covering this share of its
         training frames (None: the bundle's setting; >= 1: no restriction).
         phoneme_durations: who decides where each phoneme ends: "model" (the LM's end-of-phoneme
         marker) or "frontend" (espeak-ng's durations, the training alignment, forced); None: the
-        bundle's setting, else "model"."""
+        bundle's setting, else "model".
+        runner: how the networks' forwards run (`models.runners`), chosen once here."""
         from models.vocoder import CausalVocos
         from models.voices.frontend import Espeak, PhonemeVocab, PristineEspeak
 
@@ -72,7 +73,7 @@ class TextToSpeech:
         if bundle.tokens is None or "vocoder" not in bundle.raw or "frontend" not in bundle.raw:
             raise ValueError(f"{bundle_path} is not a voice bundle (tokens, vocoder, frontend)")
         self.engine = Engine(bundle, max_batch=max_batch, max_len=max_len,
-                             prefix_blocks=prefix_blocks)
+                             prefix_blocks=prefix_blocks, runner=runner)
         self.layout = bundle.tokens
         front = bundle.raw["frontend"]
         self.phoneme_vocab = PhonemeVocab.load(Path(bundle_path) / front["phonemes"])

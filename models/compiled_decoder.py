@@ -1,13 +1,8 @@
-"""The decoder's forward of a few tokens on the CPU, compiled: same math as `models.llama`, the
-whole forward one call into `models.kernels` (numba). (The name is its first form's, numpy.)
-
-On this project's CPUs a torch operation on a 256-wide vector costs 3-5 µs of dispatch before any
-arithmetic, and a numpy one 2-4 µs; a one-token forward of the shipped voice (6 layers, ~25 matrix
-products, ~300 operations) took 5.0 ms through torch, 3.0 ms through numpy and 1.4 ms here
-(`bench/engine_bench.py --compare-torch-forward`). So the forwards of decoding run here — plain
-steps, a speculative tree, a draft model's proposals, and a continuous-batching step of several
-sequences (their rows packed, `BlockLayout.rows`) — up to `max_rows` rows; longer blocks (a prompt)
-stay in torch.
+"""The decoder's forward of a few rows on the CPU, compiled: the same math as `models.llama`, the
+whole forward one call into `models.kernels` (numba). The "compiled-cpu" runner (`models.runners`)
+sends the forwards of decoding here (up to `max_rows` real rows); a torch operation on a small model's
+256-wide vectors costs microseconds of dispatch before any arithmetic, so a one-token forward of the
+shipped voice takes several times longer through torch (measurements: docs/engine.md).
 
 It reads the torch model's inference weights (`fuse_projections`; copied once, (out, in) and stacked
 over layers) and writes the persistent `models.kv_cache.KVCache` in place, through numpy views of
@@ -28,11 +23,9 @@ if TYPE_CHECKING:
     from models.llama import LlamaForCausalLM
 
 
-class NumpyDecoder:
+class CompiledDecoder:
     # forwards of more rows (all sequences together) go through torch: a long prompt, a tree of 32
-    # nodes. Shipped voice, 150 / 400 cached tokens, one token each of B sequences: B = 1 1.5 / 1.8 ms
-    # here vs 5.3 / 6.3 ms torch, B = 16 6.5 / 7.1 vs 12.8 / 18.6, B = 32 14.8 / 19.8 vs 20.6 / 35.3;
-    # one sequence of 33 rows 13.1 / 14.0 vs 12.0 / 14.8 at 150 / 600 cached tokens
+    # nodes, where the kernels no longer beat torch's matrix products (docs/engine.md)
     max_rows = 32
 
     @staticmethod
@@ -44,7 +37,7 @@ class NumpyDecoder:
 
     def __init__(self, model: LlamaForCausalLM) -> None:
         if not self.supports(model):
-            raise ValueError("NumpyDecoder runs float32, bias-free models on the CPU only")
+            raise ValueError("CompiledDecoder runs float32, bias-free models on the CPU only")
         cfg = model.config
         self.H, self.Hkv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.eps = cfg.rms_norm_eps

@@ -20,8 +20,6 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.compiled_decoder import NumpyDecoder
-
 if TYPE_CHECKING:
     from models.kv_cache import BlockLayout, KVCache
 
@@ -130,12 +128,18 @@ def project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) 
     return y if bias is None else y + bias
 
 
+def joined(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The linears' weights side by side as one (in, sum of outs) matrix, and their biases, built
+    from the parameters (differentiable: the training forward)."""
+    weight_t = torch.cat([m.weight for m in linears]).t()
+    return weight_t, None if linears[0].bias is None else torch.cat([m.bias for m in linears])
+
+
 def transposed(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The linears' weights side by side as one (in, sum of outs) matrix, and their biases."""
-    weight_t = torch.cat([m.weight.detach() for m in linears]).t().contiguous()
-    if linears[0].bias is None:
-        return weight_t, None
-    return weight_t, torch.cat([m.bias.detach() for m in linears])
+    """`joined` as a contiguous copy, made once when the weights are final (inference)."""
+    with torch.no_grad():
+        weight_t, bias = joined(*linears)
+    return weight_t.contiguous(), bias
 
 
 class Attention(nn.Module):
@@ -162,14 +166,14 @@ class Attention(nn.Module):
                 cache: KVCache | None, layout: BlockLayout | None) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv, hd = self.n_heads, self.n_kv, self.hd
-        if self.qkv_t is not None:  # one matmul, one rotary over q and k together
-            qkv = project(x, self.qkv_t, self.qkv_bias).view(B, T, H + 2 * Hkv, hd)
-            qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)
-            q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]  # (B, T, heads, hd) each
-        else:
-            q = apply_rotary(self.q_proj(x).view(B, T, H, hd), cos, sin)  # (B, T, H, hd)
-            k = apply_rotary(self.k_proj(x).view(B, T, Hkv, hd), cos, sin)  # (B, T, Hkv, hd)
-            v = self.v_proj(x).view(B, T, Hkv, hd)  # (B, T, Hkv, hd)
+        # the load-time copies (`fuse`), else the same matrices from the parameters (training)
+        qkv_t, qkv_bias = (self.qkv_t, self.qkv_bias) if self.qkv_t is not None else joined(
+            self.q_proj, self.k_proj, self.v_proj)
+        o_t, o_bias = (self.o_t, self.o_bias) if self.o_t is not None else joined(self.o_proj)
+        # one matmul, one rotary over q and k together
+        qkv = project(x, qkv_t, qkv_bias).view(B, T, H + 2 * Hkv, hd)
+        qk = apply_rotary(qkv[:, :, :H + Hkv], cos, sin)
+        q, k, v = qk[:, :, :H], qk[:, :, H:], qkv[:, :, H + Hkv:]  # (B, T, heads, hd) each
         if cache is None:  # training: a causal pass over whole sequences (right padding only)
             out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
                                                  v.transpose(1, 2), is_causal=True,
@@ -177,10 +181,7 @@ class Attention(nn.Module):
             out = out.transpose(1, 2)  # (B, T, H, hd)
         else:  # k, v into the persistent cache; attention over what the layout lets each see
             out = cache.attend(self.layer_idx, layout, q, k, v)  # (B, T, H, hd)
-        out = out.reshape(B, T, H * hd)
-        if self.o_t is not None:
-            return project(out, self.o_t, self.o_bias)
-        return self.o_proj(out)
+        return project(out.reshape(B, T, H * hd), o_t, o_bias)  # (B, T, D)
 
 
 class MLP(nn.Module):
@@ -200,10 +201,12 @@ class MLP(nn.Module):
         self.down_t, self.down_bias = transposed(self.down_proj)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_t is not None:
-            gate, up = project(x, self.gate_up_t, self.gate_up_bias).chunk(2, dim=-1)
-            return project(F.silu(gate) * up, self.down_t, self.down_bias)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        fused = self.gate_up_t is not None  # the load-time copies (`fuse`), else from the parameters
+        gate_up_t, gate_up_bias = ((self.gate_up_t, self.gate_up_bias) if fused
+                                   else joined(self.gate_proj, self.up_proj))
+        down_t, down_bias = (self.down_t, self.down_bias) if fused else joined(self.down_proj)
+        gate, up = project(x, gate_up_t, gate_up_bias).chunk(2, dim=-1)
+        return project(F.silu(gate) * up, down_t, down_bias)
 
 
 class DecoderLayer(nn.Module):
@@ -239,19 +242,13 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("lm_head_t", None, persistent=False)  # inference (`fuse_projections`)
-        self.numpy_decoder: NumpyDecoder | None = None  # one-sequence forwards on the CPU
 
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 layout: BlockLayout | None = None) -> torch.Tensor:
         """input_ids (B, T) -> final hidden states (B, T, hidden). With a cache, K/V of every input
         are written into it at `layout`'s positions and attention follows the layout's mask; without
-        one (training), each row is a whole sequence from position 0, causally masked.
-        A forward of a few tokens in all (one sequence's, or a batch's packed rows) without gradients
-        runs compiled when `fuse_projections` set that up (`models.compiled_decoder`: same numbers up to
-        float rounding, 3.5x as fast at one token)."""
-        if layout is not None and self.in_numpy(input_ids.shape[1] if layout.rows is None
-                                                else len(layout.rows[0])):
-            return self.numpy_decoder.forward(input_ids, cache, layout)
+        one (training), each row is a whole sequence from position 0, causally masked. The one torch
+        forward: the engine runs it, or the compiled kernels, through a runner (`models.runners`)."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         if layout is None:
@@ -270,33 +267,21 @@ class LlamaForCausalLM(nn.Module):
             x = x.new_zeros(B * T, x.shape[-1]).index_copy_(0, layout.rows[0], x[0]).view(B, T, -1)
         return x
 
-    def fuse_projections(self, numpy_decode: bool = False) -> LlamaForCausalLM:
-        """For inference: q/k/v and gate/up projections become one matmul each (fewer, larger
-        kernels), and every projection keeps its weight transposed (`project`); same numbers up to
-        float rounding. Copies of the weights: call it after the weights are final (loading, `.to`),
-        never while training. numpy_decode: one-sequence forwards go through `NumpyDecoder`
-        (float32 on the CPU without biases; otherwise ignored)."""
+    def fuse_projections(self) -> LlamaForCausalLM:
+        """For inference, when the weights are final (loading, `.to`; never while training): q/k/v
+        and gate/up become one matrix each and every projection keeps a transposed copy (`project`),
+        as gpt-fast fuses at load; the forward then reads these copies. Same numbers up to float
+        rounding."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
         self.lm_head_t, _ = transposed(self.lm_head)
-        use = numpy_decode and NumpyDecoder.supports(self)
-        self.numpy_decoder = NumpyDecoder(self) if use else None
         return self
 
-    def in_numpy(self, rows: int) -> bool:
-        """Whether a forward of `rows` real tokens goes through the compiled decoder (inference only)."""
-        return (self.numpy_decoder is not None and rows <= self.numpy_decoder.max_rows
-                and not torch.is_grad_enabled())
-
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., D) -> float32 logits (..., V); a few rows without gradients compiled when
-        the compiled decoder is on (see `forward`)."""
-        if hidden.dim() == 2 and self.in_numpy(len(hidden)):
-            return self.numpy_decoder.logits(hidden)
-        if self.lm_head_t is not None:
-            return project(hidden, self.lm_head_t, None).float()
-        return self.lm_head(hidden).float()
+        """hidden (..., D) -> float32 logits (..., V)."""
+        weight_t = self.lm_head_t if self.lm_head_t is not None else self.lm_head.weight.t()
+        return project(hidden, weight_t, None).float()
 
     # --- Hugging Face directory layout -------------------------------------------------------
     @classmethod

@@ -46,7 +46,7 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
                        max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks,
                        phoneme_coverage=settings.phoneme_coverage,
-                       phoneme_durations=settings.phoneme_durations)
+                       phoneme_durations=settings.phoneme_durations, runner=settings.runner)
     service = TTSService(tts, queue_size=settings.queue_size,
                          first_chunk_frames=settings.first_chunk_frames,
                          chunk_frames=settings.chunk_frames,
@@ -58,8 +58,8 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     cfg = default_config(settings, tts)
     service.calibrate(CALIBRATION_TEXT, cfg)
     service.start()
-    log.info("voice %r loaded from %s on %s (%s torch threads)", tts.name, settings.bundle, device,
-             torch.get_num_threads())
+    log.info("voice %r loaded from %s on %s (runner %s, %s torch threads)", tts.name,
+             settings.bundle, device, tts.engine.runner, torch.get_num_threads())
     return service, cfg
 
 

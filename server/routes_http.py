@@ -198,6 +198,7 @@ async def ready(state: ServerState = Depends(get_state)) -> JSONResponse:
         return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ready", "model": state.voice,
                          "sample_rate": state.service.tts.sample_rate,
+                         "runner": state.service.tts.engine.runner,
                          "default": describe(state.default_cfg, state.service.tts)})
 
 

@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from engine.decoding.sampling import SamplingParams
 from engine.serving.deadlines import CAPACITY_MARGIN
 from engine.types import ACCEPTS, DECODINGS, GenerationConfig, default_of, help_of
+from models.runners import RUNNERS
 from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS
 
 Device = Literal["cpu", "cuda", "auto"]
@@ -44,6 +45,9 @@ class Settings(BaseSettings):
     device: Device = Field("auto", description="where the model runs (auto: CUDA when available)")
     threads: int | None = Field(None, ge=1, description="torch threads; default 1 on CPU")
     max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")
+    runner: Literal[("auto", *RUNNERS)] = Field("auto", description="how the networks' forwards "
+                                                "run: torch, or compiled CPU kernels (float32 "
+                                                "on the CPU); auto: compiled where it can")
 
     # --- default decoding (a request may override each): defaults and help from the engine's -----
     decoding: Decoding = Field("auto", description="auto: the fastest decoding on this machine "

@@ -5,6 +5,7 @@ import torch
 
 from engine.decoding.engine import Engine
 from engine.types import GenerationConfig
+from models import runners
 from models.kv_cache import KVCache
 from models.llama import LlamaConfig, LlamaForCausalLM, init_weights
 from models.voices.bundle import load_bundle
@@ -12,13 +13,15 @@ from models.voices.bundle import load_bundle
 transformers = pytest.importorskip("transformers")
 
 
-def full_logits(model: LlamaForCausalLM, ids: list[int]) -> torch.Tensor:
-    cfg = model.config
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits (T, V) of every position, through a model's forward or a runner's."""
+    cfg = model.config if isinstance(model, LlamaForCausalLM) else model.model.config
+    forward = model if isinstance(model, LlamaForCausalLM) else model.forward
     cache = KVCache(cfg.num_hidden_layers, 1, cfg.num_key_value_heads, 128, cfg.head_dim)
     slot = cache.allocate()
     layout = cache.layout([slot], [list(range(-1, len(ids) - 1))])
     with torch.no_grad():
-        return model.logits(model(torch.tensor([ids]), cache, layout))[0]  # (T, V)
+        return model.logits(forward(torch.tensor([ids]), cache, layout)[0])  # (T, V)
 
 
 @pytest.fixture(scope="module")
@@ -28,22 +31,23 @@ def gqa_config():
                        rms_norm_eps=1e-5, eos_token_id=(7,))
 
 
-@pytest.mark.parametrize("fused", ["", "fused", "numpy"],
-                         ids=["separate", "fused-projections", "numpy-decoder"])
-def test_logits_match_transformers(tmp_path, gqa_config, fused):
+@pytest.mark.parametrize("runner", ["", "torch", "compiled-cpu"],
+                         ids=["training-forward", "torch-runner", "compiled-cpu-runner"])
+def test_logits_match_transformers(tmp_path, gqa_config, runner):
     ours = LlamaForCausalLM(gqa_config)
     init_weights(ours, std=0.1, seed=3)
     ours.save_pretrained(tmp_path)
-    if fused:  # what the engine runs: q/k/v and gate/up as one matmul each, compiled on the CPU
-        ours.fuse_projections(numpy_decode=fused == "numpy")
-        assert (ours.numpy_decoder is not None) == (fused == "numpy")
+    model = ours
+    if runner:  # what the engine runs: fused weights, through the torch or the compiled runner
+        model = runners.model_runner(runner, ours)
+        assert model.name == runner
         assert set(ours.state_dict()) == set(LlamaForCausalLM(gqa_config).state_dict())
     theirs = transformers.LlamaForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32)
     theirs.eval()
     ids = torch.randint(0, 101, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = theirs(ids).logits[0]
-    got = full_logits(ours, ids[0].tolist())
+    got = full_logits(model, ids[0].tolist())
     assert (got - expected).abs().max().item() <= 1e-4
 
 
@@ -53,23 +57,22 @@ def twins(config, seed: int, slots: int, monkeypatch):
     torch_model, compiled = LlamaForCausalLM(config), LlamaForCausalLM(config)
     init_weights(torch_model, std=0.1, seed=seed)
     compiled.load_state_dict(torch_model.state_dict())
-    torch_model.fuse_projections()
-    compiled.fuse_projections(numpy_decode=True)
+    torch_model, compiled = (runners.TorchRunner(torch_model), runners.CompiledCpuRunner(compiled))
     caches = [KVCache(config.num_hidden_layers, slots, config.num_key_value_heads, 64,
                       config.head_dim) for _ in range(2)]
     calls = []
-    decode = compiled.numpy_decoder.forward
-    monkeypatch.setattr(compiled.numpy_decoder, "forward",
+    decode = compiled.compiled.forward
+    monkeypatch.setattr(compiled.compiled, "forward",
                         lambda ids, *a: calls.append(tuple(ids.shape)) or decode(ids, *a))
     return torch_model, compiled, caches, calls
 
 
-def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
+def test_compiled_runner_equals_the_torch_runner(gqa_config, monkeypatch):
     """A prompt, chains of 1-5 tokens and a tree block (tree attention) of one sequence: the numpy
     forward gives the torch forward's hidden states and writes the same cache entries; a long block
     still goes through torch."""
     torch_model, numpy_model, caches, calls = twins(gqa_config, 6, 3, monkeypatch)
-    cfg = torch_model.config
+    cfg = torch_model.model.config
     for cache in caches:
         cache.allocate(), cache.allocate()
     gen = torch.Generator().manual_seed(3)
@@ -81,7 +84,7 @@ def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
             ids = torch.randint(0, 101, (1, len(parents)), generator=gen)
             hidden = []
             for model, cache in zip((torch_model, numpy_model), caches):
-                hidden.append(model(ids, cache, cache.layout([1], [parents])))
+                hidden.append(model.forward(ids, cache, cache.layout([1], [parents])))
                 cache.commit(1, keep if keep is not None else list(range(len(parents))))
             assert hidden[0].shape == hidden[1].shape == (1, len(parents), cfg.hidden_size)
             assert (hidden[0] - hidden[1]).abs().max() <= 1e-5
@@ -91,11 +94,10 @@ def test_numpy_decoder_equals_the_torch_forward(gqa_config, monkeypatch):
         for a, b in ((caches[0].k, caches[1].k), (caches[0].v, caches[1].v)):
             assert (a[:, 1, :, :n] - b[:, 1, :, :n]).abs().max() <= 1e-5
             assert a[:, 0].abs().max() == b[:, 0].abs().max() == 0  # the other slot untouched
-    assert numpy_model.numpy_decoder is not None
-    with torch.enable_grad():  # training never takes the numpy path
+    with torch.enable_grad():  # training runs the model itself: the torch forward
         ids = torch.tensor([[1, 2, 3]])
         layout = caches[1].layout([0], [[-1, 0, 1]])
-        assert numpy_model(ids, caches[1], layout).requires_grad
+        assert numpy_model.model(ids, caches[1], layout).requires_grad
 
 
 def test_compiled_decoder_batches_sequences_like_the_torch_forward(gqa_config, monkeypatch):
@@ -103,7 +105,7 @@ def test_compiled_decoder_batches_sequences_like_the_torch_forward(gqa_config, m
     different sizes (padded), a tree among them, slots with a gap: the compiled forward gives the
     torch forward's hidden states (padding rows zero) and cache entries, slot by slot."""
     torch_model, compiled, caches, calls = twins(gqa_config, 8, 5, monkeypatch)
-    cfg = torch_model.config
+    cfg = torch_model.model.config
     gen = torch.Generator().manual_seed(4)
     chain = lambda n: list(range(-1, n - 1))  # noqa: E731
     steps = [  # (slots, each slot's block)
@@ -119,7 +121,7 @@ def test_compiled_decoder_batches_sequences_like_the_torch_forward(gqa_config, m
             for model, cache in zip((torch_model, compiled), caches):
                 layout = cache.layout(slots, blocks)
                 assert layout.rows is not None
-                hidden.append(model(ids, cache, layout))
+                hidden.append(model.forward(ids, cache, layout))
                 for slot, block in zip(slots, blocks):
                     cache.commit(slot, list(range(len(block))))
             for b, block in enumerate(blocks):
@@ -221,3 +223,19 @@ def test_parameter_names_are_transformers(bias):
     theirs = {n for n, _ in transformers.LlamaForCausalLM(hf_cfg).named_parameters()}
     ours = {n for n, _ in LlamaForCausalLM(cfg).named_parameters()}
     assert set(hf_parameter_names(cfg)) == theirs == ours
+
+
+def test_the_engine_chooses_its_runner_once(small_bundle):
+    """auto takes the compiled CPU runner for a float32 bias-free model on the CPU; both runners
+    decode the same tokens; an unknown runner is refused at load."""
+    import copy
+
+    auto = Engine(copy.deepcopy(small_bundle), max_batch=1, max_len=128)
+    plain_torch = Engine(copy.deepcopy(small_bundle), max_batch=1, max_len=128, runner="torch")
+    assert (auto.runner, plain_torch.runner) == ("compiled-cpu", "torch")
+    assert (auto.heads_runner.name, plain_torch.heads_runner.name) == ("compiled-cpu", "torch")
+    for decoding in ("plain", "heads", "draft"):
+        cfg = GenerationConfig(max_new_tokens=20, decoding=decoding)
+        assert auto.generate([1, 2, 3], cfg).tokens == plain_torch.generate([1, 2, 3], cfg).tokens
+    with pytest.raises(ValueError, match="runner"):
+        Engine(copy.deepcopy(small_bundle), runner="gpu")

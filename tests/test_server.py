@@ -216,6 +216,7 @@ def test_models_voices_health_ready(client):
     ready = client.get("/ready")
     assert ready.status_code == 200
     assert ready.json()["default"] == {"decoding": "heads", "accept": "exact", "tree_nodes": 64}
+    assert ready.json()["runner"] == "compiled-cpu"  # float32, bias-free, on the CPU
 
 
 # --- WebSocket ----------------------------------------------------------------------------------

@@ -166,9 +166,10 @@ def test_cache_after_rejections_equals_cache_of_accepted_tokens():
 
 
 def test_compiled_draft_heads_equal_the_torch_heads():
-    """The engine's heads (`DraftHeads.fuse(True)`, compiled on the CPU) give the torch heads'
-    logits for one or several sequences; with gradients on, the torch path runs."""
+    """The compiled CPU heads runner gives the torch heads' logits for one or several sequences,
+    all heads or the first few."""
     from models.heads import DraftHeads
+    from models.runners import CompiledCpuHeads
 
     heads = DraftHeads(4, 32, 50)
     gen = torch.Generator().manual_seed(2)
@@ -178,10 +179,10 @@ def test_compiled_draft_heads_equal_the_torch_heads():
     hidden = torch.randn(3, 32, generator=gen)
     with torch.no_grad():
         expected = heads(hidden)  # (B, K, V)
-        heads.fuse(True)
-        assert heads.compiled is not None
+        compiled = CompiledCpuHeads(heads)
         for rows in (hidden[:1], hidden):
-            got = heads(rows)
+            got = compiled(rows)
             assert got.shape == (len(rows), 4, 50)
             assert (got - expected[:len(rows)]).abs().max() <= 1e-5
+        assert (compiled(hidden, 2) - expected[:, :2]).abs().max() <= 1e-5
     assert heads(hidden).requires_grad

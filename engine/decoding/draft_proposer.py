@@ -9,7 +9,7 @@ from engine.decoding.sampling import distribution, draw, process
 from engine.decoding.sequence import Sequence
 from engine.decoding.speculative import Candidates
 from models.kv_cache import KVCache
-from models.llama import LlamaForCausalLM
+from models.runners import Runner
 
 
 def chain(n: int) -> list[int]:
@@ -23,7 +23,7 @@ def pad_blocks(blocks: list[list[int]], device: torch.device) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def propose_drafts(draft: LlamaForCausalLM, cache: KVCache, seqs: list[Sequence],
+def propose_drafts(draft: Runner, cache: KVCache, seqs: list[Sequence],
                    room: list[int]) -> list[Candidates]:
     """Draft up to each sequence's γ tokens (at most `room[b]` candidates) after its last token.
     The draft cache ends holding every token fed to it (all but the last candidate)."""
@@ -36,7 +36,7 @@ def propose_drafts(draft: LlamaForCausalLM, cache: KVCache, seqs: list[Sequence]
     while active:
         slots = [seqs[b].draft_slot for b in active]
         layout = cache.layout(slots, [chain(len(feed[b])) for b in active])
-        hidden = draft(pad_blocks([feed[b] for b in active], cache.device), cache, layout)  # (A, T, D)
+        hidden = draft.forward(pad_blocks([feed[b] for b in active], cache.device), cache, layout)  # (A, T, D)
         last = torch.tensor([len(feed[b]) - 1 for b in active], device=hidden.device)
         logits = draft.logits(hidden[torch.arange(len(active), device=hidden.device), last]).cpu()
         for i, b in enumerate(active):

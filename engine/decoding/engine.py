@@ -21,6 +21,7 @@ from engine.decoding.sequence import Sequence
 from engine.decoding.speculative import Candidates, verify
 from engine.decoding.tree import default_accuracies, sparse_tree, validate_shape
 from engine.types import ACCEPTS, Accept, ConfigError, Decoding, GenerationConfig, GenerationResult
+from models import runners
 from models.kv_cache import KVCache
 from models.voices.bundle import Bundle, load_bundle
 from models.voices.rules import NoRule, TokenRule
@@ -34,16 +35,18 @@ def resolve_device(device: str) -> torch.device:
 
 class Engine:
     def __init__(self, bundle: Bundle, max_batch: int = 8, max_len: int = 2048,
-                 prefix_blocks: int = 0, prefix_block: int = 16, numpy_decode: bool = True) -> None:
+                 prefix_blocks: int = 0, prefix_block: int = 16, runner: str = "auto") -> None:
         """prefix_blocks > 0: keep that many blocks of `prefix_block` prompt tokens for reuse.
-        numpy_decode: on the CPU, decoding forwards (≤ 32 rows) run compiled (`models.compiled_decoder`)."""
+        runner: how the networks' forwards execute (`models.runners`: "auto", "torch",
+        "compiled-cpu"), chosen here once; `self.runner` says which."""
         self.bundle = bundle
         self.target, self.draft, self.heads = bundle.target, bundle.draft, bundle.heads
-        for model in (self.target, self.draft):  # the engine never trains: fused projections
-            if model is not None:
-                model.fuse_projections(numpy_decode)
-        if self.heads is not None:
-            self.heads.fuse(numpy_decode)
+        self.runner = runners.resolve(runner, self.target)
+        self.target_runner = runners.model_runner(self.runner, self.target)
+        self.draft_runner = (runners.model_runner(self.runner, self.draft)
+                             if self.draft is not None else None)
+        self.heads_runner = (runners.heads_runner(self.runner, self.heads)
+                             if self.heads is not None else None)
         cfg = self.target.config
         self.vocab_size = cfg.vocab_size
         self.device = next(self.target.parameters()).device
@@ -71,9 +74,9 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu", max_batch: int = 8,
-             max_len: int = 2048, prefix_blocks: int = 0, numpy_decode: bool = True) -> Engine:
+             max_len: int = 2048, prefix_blocks: int = 0, runner: str = "auto") -> Engine:
         return cls(load_bundle(path, resolve_device(device)), max_batch=max_batch, max_len=max_len,
-                   prefix_blocks=prefix_blocks, numpy_decode=numpy_decode)
+                   prefix_blocks=prefix_blocks, runner=runner)
 
     def heads_tree(self, accept: str, nodes: int) -> tuple[tuple[int, ...], ...]:
         """The sparse tree of `nodes` candidates with the most expected accepted tokens, from the
@@ -219,12 +222,12 @@ class Engine:
                    for p, c in zip(blocks, cands)]
         layout = self.cache.layout([s.slot for s in seqs], parents)
         ids = pad_blocks([p + c.tokens for p, c in zip(blocks, cands)], self.device)
-        hidden = self.target(ids, self.cache, layout)  # (B, T, D)
+        hidden = self.target_runner.forward(ids, self.cache, layout)  # (B, T, D)
         # logits only where a token is decided: the root (last pending) and every candidate
         deciding = [b for b, ch in enumerate(chunked) if not ch]
         rows_b = [b for b in deciding for _ in range(len(cands[b]) + 1)]
         rows_t = [len(blocks[b]) - 1 + i for b in deciding for i in range(len(cands[b]) + 1)]
-        logits = (self.target.logits(hidden[rows_b, rows_t]).cpu() if rows_b
+        logits = (self.target_runner.logits(hidden[rows_b, rows_t]).cpu() if rows_b
                   else None)  # (rows, V)
 
         first = 0
@@ -261,7 +264,7 @@ class Engine:
             # the deepest head any tree reaches from its root (the last pending token)
             reach = max(len(pending[b]) - 1 + len(max_ranks(tuple(shape)))
                         for b, shape in zip(by_heads, shapes))
-            head_logits = self.heads(torch.stack([seqs[b].last_hidden for b in by_heads]),
+            head_logits = self.heads_runner(torch.stack([seqs[b].last_hidden for b in by_heads]),
                                      reach).cpu()
             for i, (b, shape) in enumerate(zip(by_heads, shapes)):
                 s = seqs[b]
@@ -271,7 +274,7 @@ class Engine:
         if by_draft:
             # a chain no longer than the tokens the sequence may still add (forced tokens join
             # it without a draft forward, and a rule may force long runs)
-            drafts = propose_drafts(self.draft, self.draft_cache, [seqs[b] for b in by_draft],
+            drafts = propose_drafts(self.draft_runner, self.draft_cache, [seqs[b] for b in by_draft],
                                     [min(room[b], seqs[b].cfg.max_new_tokens - seqs[b].stats.tokens)
                                      for b in by_draft])
             for b, c in zip(by_draft, drafts):
