@@ -12,7 +12,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: N811, F401
 
-from engine.serving.service import Event, TTSService
+from engine.serving.service import TTSService
+from engine.serving.stream import Event, EventKind
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -101,7 +102,7 @@ class Metrics:
     def observe(self, event: Event) -> None:
         """Count what one service event tells."""
         stats = event.stats or {}
-        if event.kind == "sentence_done":
+        if event.kind == EventKind.SENTENCE_DONE:
             self.tokens.inc(stats.get("tokens", 0))
             self.forwards.inc(stats.get("target_forwards", 0))
             self.drafted.inc(stats.get("drafted", 0))
@@ -114,13 +115,13 @@ class Metrics:
                 self.drafted_pos.labels(str(pos)).inc(n)
             if stats.get("target_forwards"):
                 self.accepted_length.observe(stats["mean_accepted_length"])
-        elif event.kind in ("done", "cancelled"):
+        elif event.kind in (EventKind.DONE, EventKind.CANCELLED):
             if stats.get("audio_seconds"):
                 self.audio.inc(stats["audio_seconds"])
             if stats.get("time_to_first_audio_seconds") is not None:
                 self.ttfa.observe(stats["time_to_first_audio_seconds"])
                 self.underrun.observe(stats.get("max_underrun_seconds", 0.0))
-            if event.kind == "done" and stats.get("real_time_factor") is not None:
+            if event.kind == EventKind.DONE and stats.get("real_time_factor") is not None:
                 self.rtf.observe(stats["real_time_factor"])
 
     def request(self, route: str, status: int, seconds: float) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine.serving.service import FINAL, Event, SpeechStream
+from engine.serving.stream import FINAL, Event, EventKind, SpeechStream
 from server import errors
 from server.audio import CONTENT_TYPES, StreamEncoder, encode
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -60,7 +60,7 @@ async def create_speech(body: SpeechRequest, request: Request,
     except BaseException:
         guard.close()
         raise
-    if head[-1].kind in FINAL and head[-1].kind != "done":
+    if head[-1].kind in FINAL and head[-1].kind != EventKind.DONE:
         guard.close()
         _raise_for(head[-1], guard, state)
     out = _Body(stream, head, StreamEncoder(fmt, stream.service.tts.sample_rate), guard, state)
@@ -74,7 +74,7 @@ async def _collect(stream: SpeechStream, state: ServerState) -> tuple[np.ndarray
     audio = []
     async for event in stream.events():
         state.metrics.observe(event)
-        if event.kind == "audio":
+        if event.kind == EventKind.AUDIO:
             audio.append(event.audio)
     joined = np.concatenate(audio) if audio else np.zeros(0, np.float32)
     return joined, event
@@ -86,17 +86,17 @@ async def _head(stream: SpeechStream, state: ServerState) -> list[Event]:
     async for event in stream.events():
         state.metrics.observe(event)
         head.append(event)
-        if event.kind == "audio" or event.kind in FINAL:
+        if event.kind == EventKind.AUDIO or event.kind in FINAL:
             break
     return head
 
 
 def _raise_for(final: Event, guard: Guard, state: ServerState) -> None:
     """An APIError for a stream that did not end with "done"."""
-    if final.kind == "error":
+    if final.kind == EventKind.ERROR:
         log.warning("request failed in the engine: %r", final.error)
         raise errors.engine_failure(final.error)
-    if final.kind == "cancelled":
+    if final.kind == EventKind.CANCELLED:
         if guard.timed_out:
             raise errors.timed_out(state.settings.request_timeout_s)
         raise errors.APIError(499, "the client closed the request", code="client_closed")
@@ -125,11 +125,11 @@ class _Body:
         try:
             yield self.encoder.start()
             async for event in self._events():
-                if event.kind == "audio":
+                if event.kind == EventKind.AUDIO:
                     yield self.encoder.chunk(event.audio)
                 elif event.kind in FINAL:
                     self.final = event
-                    if event.kind == "error":
+                    if event.kind == EventKind.ERROR:
                         log.warning("streamed request failed in the engine: %r", event.error)
                     elif self.guard.timed_out:
                         log.warning("streamed request timed out after %g s", self.guard.timeout_s)
@@ -155,7 +155,7 @@ async def _sse(body: _Body, characters: int) -> AsyncIterator[bytes]:
     finally:
         await chunks.aclose()
     final = body.final
-    if final is not None and final.kind == "done":
+    if final is not None and final.kind == EventKind.DONE:
         stats = final.stats or {}
         usage = {"input_tokens": characters, "output_tokens": stats.get("tokens", 0),
                  "total_tokens": characters + stats.get("tokens", 0)}

@@ -32,7 +32,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 from starlette.datastructures import Headers
 
-from engine.serving.service import Event, SpeechStream
+from engine.serving.stream import Event, EventKind, SpeechStream
 from server import errors
 from server.audio import pcm16
 from server.middleware import authorized
@@ -42,7 +42,7 @@ from server.speech import Guard, ServerState
 log = logging.getLogger("spectts.server")
 router = APIRouter()
 ROUTE = "/v1/audio/speech/stream"
-_STATUS = {"done": 200, "cancelled": 499, "error": 500}
+_STATUS = {EventKind.DONE: 200, EventKind.CANCELLED: 499, EventKind.ERROR: 500}
 
 
 @router.websocket(ROUTE)
@@ -149,26 +149,27 @@ class _Socket:
         """Send one session's events; the session ends with session.done."""
         guard = Guard(stream, self.state.settings.request_timeout_s)
         rate = stream.service.tts.sample_rate
-        final = Event("error")
+        final = Event(EventKind.ERROR)
         try:
             async for event in stream.events():
                 self.state.metrics.observe(event)
                 final = event
-                if event.kind == "sentence_start":
+                if event.kind == EventKind.SENTENCE_START:
                     await self.send({"type": "audio.start", "sentence_index": event.sentence_index,
                                      "sentence_text": event.text, "format": "pcm_s16le",
                                      "sample_rate": rate, "channels": 1})
-                elif event.kind == "audio":
+                elif event.kind == EventKind.AUDIO:
                     async with self._send:
                         await self.ws.send_bytes(pcm16(event.audio))
-                elif event.kind == "sentence_done":
+                elif event.kind == EventKind.SENTENCE_DONE:
                     await self.send({"type": "audio.done", "sentence_index": event.sentence_index,
                                      "stats": event.stats})
-            if final.kind == "error":
+            if final.kind == EventKind.ERROR:
                 await self.error(errors.engine_failure(final.error))
             elif guard.timed_out:
                 await self.error(errors.timed_out(guard.timeout_s))
-            status = {"done": "completed", "cancelled": "cancelled"}.get(final.kind, "error")
+            status = {EventKind.DONE: "completed", EventKind.CANCELLED: "cancelled"}.get(final.kind,
+                                                                                "error")
             self._end(stream)  # before session.done: the client may start the next one at once
             await self.send({"type": "session.done", "status": status,
                              "stats": final.stats or stream.summary()})

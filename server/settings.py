@@ -13,7 +13,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.decoding.sampling import SamplingParams
-from engine.serving.deadlines import CAPACITY_MARGIN
+from engine.serving.capacity import CAPACITY_MARGIN
 from engine.types import ACCEPTS, DECODINGS, GenerationConfig, default_of, help_of
 from models.runners import RUNNERS
 from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS

@@ -13,7 +13,8 @@ from starlette.requests import Request
 
 from engine.decoding.autotune import auto_config
 from engine.decoding.sampling import SamplingParams
-from engine.serving.service import SpeechStream, TTSService
+from engine.serving.service import TTSService
+from engine.serving.stream import SpeechStream
 from engine.tts import TextToSpeech
 from engine.types import ConfigError, GenerationConfig
 from server import errors

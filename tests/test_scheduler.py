@@ -65,7 +65,7 @@ def test_admission_refuses_when_behind_or_queue_is_old():
 
 
 def test_capacity_is_learned_from_step_costs():
-    from engine.serving.deadlines import Capacity
+    from engine.serving.capacity import Capacity
 
     cap = Capacity(margin=1.0)
     assert cap.streams() is None  # nothing measured yet: no limit

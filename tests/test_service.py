@@ -8,7 +8,8 @@ import pytest
 import random
 
 from engine.serving.deadlines import Policy
-from engine.serving.service import FINAL, ServiceBusy, TTSService
+from engine.serving.service import ServiceBusy, TTSService
+from engine.serving.stream import FINAL
 from engine.tts import TextToSpeech, stretch
 from engine.types import GenerationConfig
 

@@ -1,11 +1,11 @@
 """The speech service: text requests in, audio chunks out, the engine in its own thread.
 
-A `SpeechStream` is one request (one HTTP call or one WebSocket session): text arrives whole or in
-pieces (`add_text`, then `end_input`), each complete sentence is decoded as soon as it exists, and audio
-comes back as events on an asyncio queue. The engine thread runs every active sentence of every stream in
-one batched step, vocodes newly accepted tokens incrementally (a small first chunk for a low time to
-first audio, larger ones after, never more than half the listener's buffer; all streams' chunks of a
-step in one batched vocoder pass), and never blocks the event loop. A failure inside one request fails that
+It ties three parts: admission (`open` / `speak`: one validation, the deadline policy and the
+capacity model may refuse), the requests (`engine.serving.stream.SpeechStream`: text in, events out)
+and each sentence's audio path (`engine.serving.chunker`). The engine thread's loop: start each
+stream's next sentence, plan and run one batched engine step over the chosen streams
+(`engine.serving.deadlines.Policy`, `Engine.plan`), then vocode what the step accepted, all streams'
+chunks in one batched vocoder pass; it never blocks the event loop. A failure inside one request fails that
 request only; cancelling (or a client disconnect) frees its cache slot at the next step.
 """
 
@@ -14,23 +14,22 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-import re
 import threading
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from engine.decoding.plan import StepPlan
 from engine.decoding.sequence import Sequence
-from engine.serving.deadlines import CAPACITY_MARGIN, Capacity, Playback, Policy
-from engine.tts import SentencePlan, TextToSpeech, stretch
-from engine.types import GenerationConfig, GenerationStats
+from engine.serving.capacity import CAPACITY_MARGIN, Capacity
+from engine.serving.chunker import ChunkSizes, SentenceAudio
+from engine.serving.deadlines import Policy
+from engine.serving.stream import Event, EventKind, SpeechStream
+from engine.tts import TextToSpeech
+from engine.types import GenerationConfig
 from models.voices import interleaved
 
 log = logging.getLogger("spectts.service")
-FINAL = ("done", "error", "cancelled")
-_SENTENCE_END = re.compile(r"[.!?;:][\"')\]]*\s+$|\n\s*$")
 
 
 class ServiceBusy(RuntimeError):
@@ -38,124 +37,18 @@ class ServiceBusy(RuntimeError):
     Retry-After)."""
 
 
-@dataclass
-class Event:
-    kind: str  # "sentence_start" | "audio" | "sentence_done", then one of FINAL
-    sentence_index: int = -1
-    audio: np.ndarray | None = None  # float32 mono, for "audio"
-    text: str = ""  # the sentence, for "sentence_start"
-    stats: dict | None = None  # for "sentence_done" and "done"
-    error: Exception | None = None  # for "error"
-
-
-@dataclass
-class _Sentence:
-    plan: SentencePlan
-    seq: Sequence
-    index: int
-    frames: list[int] = field(default_factory=list)  # speech tokens so far
-    scanned: int = 0  # tokens of seq.tokens already read into `frames` (the prompt at the start)
-    emitted: int = 0  # stretched frames already sent to the vocoder
-    pending: list[int] = field(default_factory=list)  # stretched frames not yet vocoded
-    chunks: int = 0  # vocoder pushes so far
-
-
-class SpeechStream:
-    """One request. Async side: `events()`; any thread: `add_text`, `end_input`, `cancel`."""
-
-    def __init__(self, service: TTSService, cfg: GenerationConfig, speed: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
-        self.service, self.cfg, self.speed, self.loop = service, cfg, speed, loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._lock = threading.Lock()
-        self._text = ""  # received, not yet split into sentences
-        self._input_done = False
-        self.cancelled = False
-        self.closed = False  # a final event ("done" / "error") was sent
-        self.created = time.perf_counter()
-        self.playback = Playback(self.created)  # the listener's clock: deadlines and underruns
-        self.first_audio: float | None = None  # seconds from creation to the first audio chunk
-        self.audio_seconds = 0.0
-        self.stats = GenerationStats()
-        self.sentences_started = 0
-        self.current: _Sentence | None = None
-        self.queued: list[SentencePlan] = []  # split, phonemised, not started
-        self.vocoder = None  # StreamingVocoder, created in the engine thread
-
-    # --- client side --------------------------------------------------------------------------
-    def add_text(self, text: str) -> None:
-        with self._lock:
-            self._text += text
-        self.service.wake()
-
-    def end_input(self) -> None:
-        with self._lock:
-            self._input_done = True
-        self.service.wake()
-
-    def cancel(self) -> None:
-        self.cancelled = True
-        self.service.wake()
-
-    async def events(self):
-        """Yield events until a final one ("done", "error" or "cancelled")."""
-        while True:
-            event = await self._events.get()
-            yield event
-            if event.kind in FINAL:
-                return
-
-    # --- engine side --------------------------------------------------------------------------
-    def emit(self, event: Event) -> None:
-        if event.kind == "audio" and self.first_audio is None:
-            self.first_audio = time.perf_counter() - self.created
-        if event.kind in FINAL:
-            self.closed = True
-        try:
-            self.loop.call_soon_threadsafe(self._events.put_nowait, event)
-        except RuntimeError:  # the event loop is gone (client side shut down)
-            self.cancelled = True
-
-    def take_sentences(self) -> tuple[list[str], bool]:
-        """Complete sentences received so far, and whether the input has ended with none left."""
-        from models.voices.frontend import split_sentences
-
-        with self._lock:
-            text, final = self._text, self._input_done
-            if not text.strip():
-                self._text = ""
-                return [], final
-            pieces = split_sentences(text)
-            if final or _SENTENCE_END.search(text):
-                self._text = ""
-                return pieces, final
-            if len(pieces) <= 1:
-                return [], False
-            # the unfinished sentence waits for more text; keep its trailing space, or the next
-            # word would be glued to its last one
-            self._text = pieces[-1] + (" " if text[-1].isspace() else "")
-            return pieces[:-1], False
-
-    def summary(self) -> dict:
-        wall = time.perf_counter() - self.created
-        return {**self.stats.to_dict(), "audio_seconds": self.audio_seconds,
-                "time_to_first_audio_seconds": self.first_audio, "wall_seconds": wall,
-                "max_underrun_seconds": self.playback.max_underrun,
-                "total_underrun_seconds": self.playback.total_underrun,
-                "real_time_factor": wall / self.audio_seconds if self.audio_seconds else None}
-
-
 class TTSService:
     def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
                  chunk_frames: int = 40, policy: Policy = Policy(), prefill_chunk: int = 64,
                  row_budget: int = 64, capacity_margin: float = CAPACITY_MARGIN) -> None:
-        """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`chunk_size`); prefill_chunk and
+        """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`ChunkSizes`); prefill_chunk and
         row_budget: see `engine.decoding.plan`; capacity_margin: see `Capacity`."""
         self.tts = tts
         self.max_active = tts.engine.cache.max_batch
-        # chunks never shrink below the first one's size (`chunk_size`)
-        self.first_chunk_frames = first_chunk_frames
-        self.chunk_frames = max(chunk_frames, first_chunk_frames)
+        hop = tts.vocoder.cfg.hop
+        self.chunk_sizes = ChunkSizes(first_chunk_frames, chunk_frames,
+                                      lookahead_frames=-(-tts.vocoder.cfg.overlap_samples // hop),
+                                      frame_s=hop / tts.sample_rate)
         self.policy, self.prefill_chunk, self.row_budget = policy, prefill_chunk, row_budget
         self.capacity = Capacity(capacity_margin)
         self._waiting: queue.Queue[SpeechStream] = queue.Queue(maxsize=queue_size)
@@ -244,7 +137,7 @@ class TTSService:
             while len(self._active) < self.max_active and not self._waiting.empty():
                 stream = self._waiting.get_nowait()
                 if stream.cancelled:  # left while waiting: never takes a slot
-                    self._close(stream, Event("cancelled", stats=stream.summary()))
+                    self._close(stream, Event(EventKind.CANCELLED, stats=stream.summary()))
                     continue
                 stream.vocoder = StreamingVocoder(self.tts.vocoder)
                 self._active.append(stream)
@@ -273,7 +166,7 @@ class TTSService:
         """Start the stream's next sentence, finish or drop the stream."""
         try:
             if stream.cancelled:
-                self._close(stream, Event("cancelled", stats=stream.summary()))
+                self._close(stream, Event(EventKind.CANCELLED, stats=stream.summary()))
                 return
             if stream.current is not None:
                 return
@@ -284,16 +177,16 @@ class TTSService:
                 plan = stream.queued.pop(0)
                 cfg = self.tts.generation_config(plan, stream.cfg)
                 seq = self.tts.engine.add(plan.prompt, cfg, self.tts.rule(plan))
-                stream.current = _Sentence(plan, seq, stream.sentences_started,
-                                           scanned=len(seq.prompt))
+                stream.current = SentenceAudio(plan, seq, stream.sentences_started,
+                                               scanned=len(seq.prompt))
                 stream.sentences_started += 1
-                stream.emit(Event("sentence_start", stream.current.index, text=plan.text))
+                stream.emit(Event(EventKind.SENTENCE_START, stream.current.index, text=plan.text))
             elif final:
-                self._close(stream, Event("done", stats=stream.summary()))
+                self._close(stream, Event(EventKind.DONE, stats=stream.summary()))
             else:
                 stream.playback.idle(time.perf_counter())
         except Exception as exc:  # noqa: BLE001 — this request fails, the loop goes on
-            self._close(stream, Event("error", error=exc))
+            self._close(stream, Event(EventKind.ERROR, error=exc))
 
     def _step(self, seqs: list[Sequence], streams: list[SpeechStream], plan: StepPlan) -> None:
         engine = self.tts.engine
@@ -306,27 +199,6 @@ class TTSService:
                         engine.step([seq], engine.plan([seq], self.prefill_chunk, self.row_budget))
                 except Exception as exc:  # noqa: BLE001
                     self._fail(stream, exc, "request failed inside the engine step")
-
-    def chunk_size(self, index: int, buffered_s: float | None = None) -> int:
-        """Frames vocoded together in a sentence's chunk `index`: a small first chunk (time to first
-        audio), then growing by half each time up to chunk_frames (fewer, larger vocoder pushes: a
-        push costs about as much for 1 frame as for 6). The first chunk also covers the vocoder's
-        lookahead, so that it carries first_chunk_frames of audio (4 frames: 80 ms), not 30 ms less.
-        buffered_s: the audio the listener still has; a chunk is then at most half of it (at least
-        first_chunk_frames), so the next chunk is decoded before the buffer runs out while the
-        stream decodes faster than half real time. The streaming vocoder gives the same samples
-        however the frames are chunked."""
-        if index == 0:
-            return self.first_chunk_frames + -(-self.tts.vocoder.cfg.overlap_samples // self._hop)
-        size = min(self.chunk_frames, int(self.first_chunk_frames * 1.5 ** index))
-        if buffered_s is not None:
-            frame_s = self._hop / self.tts.sample_rate
-            size = min(size, max(self.first_chunk_frames, int(buffered_s / 2 / frame_s)))
-        return size
-
-    @property
-    def _hop(self) -> int:
-        return self.tts.vocoder.cfg.hop
 
     def _collect(self, streams: list[SpeechStream]) -> float:
         """Vocode what each stream's current sentence has accepted, every push of the step in one
@@ -359,22 +231,11 @@ class TTSService:
         return decoded
 
     def _take(self, stream: SpeechStream) -> tuple[float, list[int]]:
-        """The current sentence's newly decoded frames (stretched by the stream's speed) join its
-        pending ones; returns their seconds of audio and the frames to vocode now (`chunk_size`),
-        if any."""
-        sent, playback = stream.current, stream.playback
-        tokens = sent.seq.tokens  # prompt + generated, only ever appended to: read the new ones
-        sent.frames += interleaved.speech_tokens(self.tts.layout, tokens[sent.scanned:])
-        sent.scanned = len(tokens)
-        new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
-        sent.pending += new
-        threshold = self.chunk_size(sent.chunks, playback.slack(time.perf_counter())
-                                    if playback.started else None)
-        frames = []
-        if sent.pending and (len(sent.pending) >= threshold or sent.seq.finished):
-            frames, sent.pending = sent.pending, []
-            sent.chunks += 1
-        return len(new) * self._hop / self.tts.sample_rate, frames
+        """The current sentence's seconds of newly decoded audio and the frames to vocode now."""
+        playback = stream.playback
+        buffered = playback.slack(time.perf_counter()) if playback.started else None
+        new, frames = stream.current.take(self.tts.layout, stream.speed, self.chunk_sizes, buffered)
+        return new * self.chunk_sizes.frame_s, frames
 
     def _deliver(self, stream: SpeechStream, audio: np.ndarray | None) -> None:
         """Send the sentence's vocoded audio (and, when its sequence has ended, the vocoder's rest),
@@ -388,17 +249,17 @@ class TTSService:
             seconds = len(chunk) / self.tts.sample_rate
             stream.audio_seconds += seconds
             stream.playback.sent(seconds, time.perf_counter())
-            stream.emit(Event("audio", sent.index, audio=np.clip(chunk, -1, 1)))
+            stream.emit(Event(EventKind.AUDIO, sent.index, audio=np.clip(chunk, -1, 1)))
         if sent.seq.finished:
             stream.stats.merge(sent.seq.stats)
-            stream.emit(Event("sentence_done", sent.index, stats=sent.seq.stats.to_dict()))
+            stream.emit(Event(EventKind.SENTENCE_DONE, sent.index, stats=sent.seq.stats.to_dict()))
             self.tts.engine.release(sent.seq)
             stream.current = None
 
     def _fail(self, stream: SpeechStream, exc: Exception, what: str) -> None:
         """Log the failure and end this stream with an error event; the others go on."""
         log.exception(what)
-        self._close(stream, Event("error", error=exc))
+        self._close(stream, Event(EventKind.ERROR, error=exc))
 
     def _close(self, stream: SpeechStream, event: Event) -> None:
         if stream.current is not None:
