@@ -6,8 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 system_packages() {
-    # espeak-ng: the teacher voice and the text frontend (libespeak-ng1); the rest: corpus sources
+    # Festival + the SLT HTS voice: the teacher of the natural voice and its text frontend;
+    # espeak-ng: the first voice's teacher and frontend (libespeak-ng1); the rest: corpus sources
     local need=()
+    command -v festival >/dev/null && [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] \
+        || need+=(festival festvox-us-slt-hts)
     [ -e /usr/lib/x86_64-linux-gnu/libespeak-ng.so.1 ] || ldconfig -p | grep -q libespeak-ng.so.1 || need+=(espeak-ng)
     [ -d /usr/share/games/fortunes ] || need+=(fortune-mod fortunes fortunes-min)
     [ -e /usr/share/dict/american-english ] || need+=(wamerican)
