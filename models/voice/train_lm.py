@@ -41,6 +41,14 @@ def load_split(data: Path, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+def num_speech_tokens(data: Path) -> int:
+    """The tokenizer's size: a learned codec's (tokenizer.json) or the k-means codebook's."""
+    learned = data / "tokenizer.json"
+    if learned.exists():
+        return int(json.loads(learned.read_text())["num_codes"])
+    return int(np.load(data / "codebook.npy").shape[0])
+
+
 def batches(seqs: list[tuple[np.ndarray, np.ndarray]], max_tokens: int, rng: np.random.Generator
             ) -> list[list[int]]:
     """Length-bucketed batches of at most `max_tokens` padded tokens, in random order."""
@@ -145,6 +153,8 @@ def main() -> None:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="without a checkpoint, start from these weights (a HF Llama dir)")
     ap.add_argument("--init-step", type=int, default=0, help="with --init-from: schedule step")
+    ap.add_argument("--model", type=json.loads, default={},
+                    help='LlamaConfig overrides of MODEL for a fresh run, e.g. \'{"hidden_size": 512}\'')
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", default=None,
                     help="train in float32 (default: bfloat16 autocast where it is fast: CUDA, "
                          "AVX-512 CPUs, ~1.5x)")
@@ -152,24 +162,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.bf16 = bf16_is_fast(device) if args.bf16 is None else args.bf16
-    num_speech = int(np.load(args.data / "codebook.npy").shape[0])
-    cfg = LlamaConfig(vocab_size=vocab_size(num_speech), **MODEL)
+    last = args.ckpt / "last.pt"
+    ck = torch.load(last, map_location=device, weights_only=True) if last.exists() else None
+    shape = (ck["state"].get("model") if ck else None) or {**MODEL, **args.model}  # a resume keeps its shape
+    cfg = LlamaConfig(vocab_size=vocab_size(num_speech_tokens(args.data)), **shape)
     model = LlamaForCausalLM(cfg)
     init_weights(model, std=0.02, seed=0)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seconds": 0.0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seconds": 0.0, "model": shape}
     args.ckpt.mkdir(parents=True, exist_ok=True)
-    last = args.ckpt / "last.pt"
     if not last.exists() and args.init_from:  # e.g. the shipped voice's weights on a bare machine
         model.load_state_dict(LlamaForCausalLM.from_pretrained(args.init_from, device).state_dict())
         state["step"] = args.init_step
         print(f"initialised from {args.init_from}, schedule at step {args.init_step}")
-    if last.exists():
-        ck = torch.load(last, map_location=device, weights_only=True)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        state = ck["state"]
+        state = {"model": shape, **ck["state"]}
         print(f"resumed at step {state['step']} (epoch {state['epoch']}, "
               f"{state['seconds'] / 3600:.2f} h trained)")
     if args.export:
