@@ -60,6 +60,7 @@ class TrainConfig:
     warmup: int = 200
     total_steps: int = 20000
     gan_start: int = 6000
+    stop_at: int = 0  # end this run at this step (0: total_steps); the schedule stays total_steps
     spectral_weight: float = 15.0
     grad_clip: float = 5.0
     save_every_minutes: float = 5.0
@@ -192,7 +193,8 @@ def train(cfg: TrainConfig) -> dict:
 
     t0 = last_save = time.monotonic()
     bar = tqdm(total=cfg.total_steps, initial=step, file=sys.stdout, mininterval=5.0)
-    while step < cfg.total_steps and time.monotonic() - t0 < cfg.minutes * 60:
+    last_step = cfg.stop_at or cfg.total_steps
+    while step < last_step and time.monotonic() - t0 < cfg.minutes * 60:
         gan = step >= cfg.gan_start
         lr = lr_at(step, cfg.lr, cfg.warmup, cfg.total_steps)
         for group in opt_g.param_groups:

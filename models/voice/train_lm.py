@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -78,12 +79,17 @@ def collate(seqs, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), mask.to(device)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict
-                    ) -> None:
-    """Model, optimiser and progress to `path`, atomically (a killed run leaves the previous one)."""
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict,
+                    mirror: Path | None = None) -> None:
+    """Model, optimiser and progress to `path`, atomically (a killed run leaves the previous one),
+    and the same file into `mirror` (a copy outside the work tree) when given."""
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
     tmp.rename(path)
+    if mirror is not None:
+        mirror.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, mirror / "last.tmp")
+        (mirror / "last.tmp").rename(mirror / path.name)
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -150,6 +156,7 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--save-every-minutes", type=float, default=4.0)
     ap.add_argument("--export", type=Path, default=None, help="write the model here and exit")
+    ap.add_argument("--mirror", type=Path, default=None, help="a copy of each checkpoint goes here")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="without a checkpoint, start from these weights (a HF Llama dir)")
     ap.add_argument("--init-step", type=int, default=0, help="with --init-from: schedule step")
@@ -222,7 +229,7 @@ def main() -> None:
                 tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             now = time.time()
             if now - saved_at > args.save_every_minutes * 60:
-                save_checkpoint(last, model, opt, state)
+                save_checkpoint(last, model, opt, state, args.mirror)
                 saved_at = now
             if now - start > args.minutes * 60 or state["step"] >= args.total_steps:
                 done = True
@@ -230,7 +237,7 @@ def main() -> None:
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-    save_checkpoint(last, model, opt, state)
+    save_checkpoint(last, model, opt, state, args.mirror)
     print(f"stopped at step {state['step']}, epoch {state['epoch']}: {evaluate(model, valid, device)}")
 
 
