@@ -5,7 +5,7 @@
 
 Stages (each skips what is done; training stages resume from their last checkpoint, so stop it at
 any time and run the same command again):
-  1. prepare     corpus (~50k sentences, evaluation sentences excluded) -> Festival audio, phone
+  1. prepare     corpus (50k sentences, evaluation sentences excluded; the first 26k spoken) -> Festival audio, phone
                  timings, log-mel, in shards of 1000 (~1.2 h of speech each)
   2. codec       FSQ tokenizer + causal Vocos, spectral losses, until the tokenizer is frozen
   3. tokenizer   export the tokenizer (encoder) and the vocoder at that point
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--data", type=Path, default=Path("data/festival"))
     ap.add_argument("--checkpoints", type=Path, default=Path("checkpoints/festival"))
     ap.add_argument("--mirror", default="", help="a copy of each checkpoint goes here")
-    ap.add_argument("--shards", type=int, default=31, help="corpus shards (1 valid + train)")
+    ap.add_argument("--shards", type=int, default=26, help="corpus shards: 1 valid + 25 train (~31 h)")
     ap.add_argument("--codec-steps", type=int, default=20000)
     ap.add_argument("--codec-freeze", type=int, default=6000, help="tokenizer frozen from this step")
     ap.add_argument("--lm-steps", type=int, default=30000)
