@@ -5,8 +5,8 @@
 
 Stages (each skips what is done; training stages resume from their last checkpoint, so stop it at
 any time and run the same command again):
-  1. prepare     corpus (50k sentences, evaluation sentences excluded; the first 26k spoken) -> Festival audio, phone
-                 timings, log-mel, in shards of 1000 (~1.2 h of speech each)
+  1. prepare     corpus (50k sentences, evaluation sentences excluded; the first 26k spoken)
+                 -> Festival audio, phone timings, log-mel, in shards of 1000 (~1.2 h each)
   2. codec       FSQ tokenizer + causal Vocos, spectral losses, until the tokenizer is frozen
   3. tokenizer   export the tokenizer (encoder) and the vocoder at that point
   4. tokenize    the tokenizer's codes into every shard
