@@ -248,7 +248,8 @@ class Page:
 
     def screenshot(self, path: Path) -> None:
         """The whole page, however tall."""
-        height = self.driver.execute_script("return document.documentElement.scrollHeight")
+        height = self.driver.execute_script(
+            "return Math.ceil(document.body.getBoundingClientRect().bottom)")
         metrics = {"width": 1200, "height": height, "deviceScaleFactor": 1, "mobile": False}
         self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
         self.driver.save_screenshot(str(path))
@@ -351,7 +352,11 @@ def test_speak_streams_plays_and_counts(page, server, api, tmp_path):
 def test_stop_stops(page):
     page.type_text(LONG)
     page.el("speak").click()
-    page.wait(lambda: page.number("bytes") > 0, "no audio arrived")
+    # the numbers fill in while it speaks: after the first sentence, with eleven still to come
+    page.wait(lambda: page.number("sentences") >= 1, "no sentence was finished", timeout=60)
+    assert page.state() == "speaking"
+    assert page.number("bytes") > 0 and page.number("played") >= 0
+    assert page.number("tpf") >= 1 and page.number("rtf") > 0 and page.number("ttfa") > 0
     page.el("stop").click()
     page.wait(lambda: page.state() == "cancelled", "the session was not cancelled")
     assert page.value("final-status") == "cancelled"
