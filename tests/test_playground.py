@@ -169,7 +169,7 @@ def test_websocket_refuses_blank_input_as_http_does(server, api):
 # --- the page in Chromium -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def browser(server, tmp_path_factory):
+def browser(tmp_path_factory):
     chromium, driver_exe = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_exe):
         pytest.skip("Debian's chromium and chromium-driver are not installed "
@@ -349,7 +349,7 @@ def test_speak_streams_plays_and_counts(page, server, api, tmp_path):
     assert not severe, severe
 
 
-def test_stop_stops(page):
+def test_stop_stops(page, server):
     page.type_text(LONG)
     page.el("speak").click()
     # the numbers fill in while it speaks: after the first sentence, with eleven still to come
@@ -357,13 +357,19 @@ def test_stop_stops(page):
     assert page.state() == "speaking"
     assert page.number("bytes") > 0 and page.number("played") >= 0
     assert page.number("tpf") >= 1 and page.number("rtf") > 0 and page.number("ttfa") > 0
+    played = page.number("played")
     page.el("stop").click()
     page.wait(lambda: page.state() == "cancelled", "the session was not cancelled")
     assert page.value("final-status") == "cancelled"
     counts = [page.number(n) for n in ("bytes", "audio", "played")]
+    # the playhead stopped where it was: audio buffered ahead of it was dropped, not counted
+    assert played <= counts[2] < played + 0.5
     time.sleep(1.0)
     assert [page.number(n) for n in ("bytes", "audio", "played")] == counts  # nothing more came or played
     assert page.number("buffered") == 0
+    service = server.app.state.spectts.service
+    page.wait(lambda: service.active == 0 and service.waiting == 0,
+              "the server kept the session after Stop", timeout=10)
     assert page.driver.execute_script("return document.getElementById('speak').disabled") is False
 
 

@@ -14,6 +14,7 @@ export class Player {
     this.analyser.connect(this.context.destination);
     this.samples = new Float32Array(this.analyser.fftSize);
     this.sources = new Set();
+    [this.scheduled, this.playedMax] = [0, 0];
     this.reset();
   }
 
@@ -21,7 +22,6 @@ export class Player {
   reset() {
     this.stop();
     this.scheduled = 0; // seconds of audio given to push
-    this.stalls = 0; // times the next chunk came after the previous one had finished playing
     this.started = null; // context time of the first chunk's start
     this.playedMax = 0;
   }
@@ -40,10 +40,7 @@ export class Player {
     source.connect(this.analyser);
     const now = this.context.currentTime;
     let at = this.next;
-    if (this.started === null || at < now) {
-      if (this.started !== null) this.stalls += 1;
-      at = now + LEAD;
-    }
+    if (this.started === null || at < now) at = now + LEAD; // the first chunk, or after a stall
     this.started ??= at;
     source.start(at);
     this.next = at + buffer.duration;
@@ -54,6 +51,7 @@ export class Player {
 
   // Stop what is playing and drop what is scheduled.
   stop() {
+    const played = this.played;
     for (const source of this.sources) {
       source.onended = null;
       source.stop();
@@ -61,6 +59,7 @@ export class Player {
     }
     this.sources.clear();
     this.next = this.context.currentTime;
+    this.scheduled = played; // what was dropped was never played
   }
 
   get playing() {
