@@ -173,6 +173,8 @@ async function speak() {
     show(id, "–");
   }
   $("sentence").textContent = "";
+  $("final").replaceChildren();
+  show("final-status", "");
   $("speak").disabled = true;
   $("stop").disabled = false;
   setState("connecting", "Connecting…");
