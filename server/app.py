@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from engine.scheduler import Policy
 from engine.service import TTSService
 from engine.types import GenerationConfig
-from server import errors, routes_http, routes_ws
-from server.middleware import ServerMiddleware
+from server import errors, routes_http, routes_playground, routes_ws
+from server.middleware import OPEN_PATHS, ServerMiddleware
 from server.settings import Settings
 from server.speech import CALIBRATION_TEXT, ServerState, default_config
 
@@ -97,7 +97,9 @@ def create_app(settings: Settings | None = None, service: TTSService | None = No
     errors.install(app)
     app.include_router(routes_http.router)
     app.include_router(routes_ws.router)
+    app.include_router(routes_playground.router)
     paths = {r.path for r in (*routes_http.router.routes, *routes_ws.router.routes)}
-    paths |= {app.openapi_url, app.docs_url, app.redoc_url}
-    app.add_middleware(ServerMiddleware, state=state, routes=frozenset(paths))
+    paths |= {app.openapi_url, app.docs_url, app.redoc_url} | routes_playground.PATHS
+    app.add_middleware(ServerMiddleware, state=state, routes=frozenset(paths),
+                       open_paths=OPEN_PATHS | routes_playground.PATHS)
     return app
