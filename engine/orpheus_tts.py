@@ -163,6 +163,20 @@ def _hf_dir(path: Path, what: str) -> Path:
     return path
 
 
+def preflight(bundle_path: str | Path, codec_path: str | Path | None,
+              draft_path: str | Path | None = None) -> None:
+    """The checks `load_tts` starts with, without loading weights: a server refuses to start with
+    one clear line (ValueError) instead of failing in its background load."""
+    from models.snac_codec import SnacCodec
+
+    if codec_path is None:
+        return
+    orpheus.check_checkpoint(Path(bundle_path))
+    SnacCodec.check_dir(codec_path)
+    if draft_path is not None:
+        _hf_dir(Path(draft_path), "draft")
+
+
 def load_tts(bundle_path: str | Path, codec_path: str | Path | None = None,
              draft_path: str | Path | None = None, **kwargs):
     """An `OrpheusTTS` when a codec is given (the checkpoint must have Orpheus's layout), else a

@@ -9,12 +9,12 @@ model has vq_strides [4, 2, 1]: one *frame* is 4 latent steps = 2048 samples (85
 (a speech LM's token order is its layout's business: `models.voices.orpheus`).
 
 The decoder (`snac.layers.Decoder`) is non-causal: convolutions with "same" padding and transposed
-convolutions, so an output sample depends on latent steps on both sides, up to `receptive_latents`
-steps away (computed from the modules, checked by a test). Streaming therefore decodes windows:
-to emit latent steps [a, b) it decodes [a - R, b + R) (clipped to what exists) and keeps the middle;
-the samples kept never see a window edge, so they equal one offline decode of everything, to float
-rounding. The fixed lookahead is R latent steps (`lookahead_ms`: 10 steps = 213 ms for the 24 kHz
-model); `flush` decodes the tail up to the true end, where offline decoding has the same edge. Every
+convolutions, so an output sample depends on latent steps on both sides: up to `context_latents`
+steps before it and `receptive_ahead` after it (computed from the modules, checked by a test).
+Streaming therefore decodes windows: to emit latent steps [a, b) it decodes [a - C, b + A) (clipped
+to what exists) and keeps the middle; the samples kept never see a window edge, so they equal one
+offline decode of everything, to float rounding. The fixed lookahead is A latent steps
+(`lookahead_ms`: 10 steps = 213 ms for the 24 kHz model); `flush` decodes the tail up to the true end, where offline decoding has the same edge. Every
 frame is emitted: the first from the stream's start, the last at flush (total 2048 x frames samples).
 
 Noise: SNAC's `NoiseBlock` adds `randn * linear(x)` with fresh noise per call, so two decodes of the
@@ -70,15 +70,14 @@ class SnacCodec:
         self.hop = int(np.prod(model.decoder_rates))  # samples per latent step
         self.samples_per_frame = self.hop * self.latents_per_frame
         self.codebook_size = int(model.codebook_size)
-        self.receptive_latents = receptive_latents(model.decoder)
-        self.lookahead_latents = (self.receptive_latents if lookahead_latents is None
+        self.context_latents, self.receptive_ahead = receptive_latents(model.decoder)
+        self.lookahead_latents = (self.receptive_ahead if lookahead_latents is None
                                   else int(lookahead_latents))
         self._noise_cache: OrderedDict[tuple[int, int], torch.Tensor] = OrderedDict()
 
-    @classmethod
-    def load(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> SnacCodec:
-        """A SNAC directory as published (`config.json`: SNAC's constructor arguments, and
-        `pytorch_model.bin` or `model.safetensors`). ValueError naming what is missing."""
+    @staticmethod
+    def check_dir(path: str | Path) -> tuple[dict, Path]:
+        """A SNAC directory's config and weights file; ValueError naming what is missing."""
         path = Path(path)
         if not path.is_dir():
             raise ValueError(f"codec {path} is not a directory")
@@ -90,6 +89,13 @@ class SnacCodec:
         config = json.loads((path / CONFIG_FILE).read_text())
         if "vq_strides" not in config:
             raise ValueError(f"{path / CONFIG_FILE} is not a SNAC config (no vq_strides)")
+        return config, weights
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", **kwargs) -> SnacCodec:
+        """A SNAC directory as published (`config.json`: SNAC's constructor arguments, and
+        `pytorch_model.bin` or `model.safetensors`). ValueError naming what is missing."""
+        config, weights = cls.check_dir(path)
         model = _snac().SNAC(**config)
         if weights.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -169,8 +175,9 @@ class SnacCodec:
     def _noise_block(self, rate: int, index: int) -> torch.Tensor:
         key = (rate, index)
         if key not in self._noise_cache:
-            gen = torch.Generator().manual_seed(
-                (self.noise_seed * 2**40 + rate * 2**28 + index) % 2**63)
+            # torch's CPU generator keeps 32 bits of a seed: mix the three into 32 bits
+            seed = np.random.SeedSequence([self.noise_seed, rate, index]).generate_state(1)[0]
+            gen = torch.Generator().manual_seed(int(seed))
             self._noise_cache[key] = torch.randn(_NOISE_BLOCK, generator=gen)
             if len(self._noise_cache) > 512:
                 self._noise_cache.popitem(last=False)
@@ -178,19 +185,25 @@ class SnacCodec:
         return self._noise_cache[key]
 
 
-def receptive_latents(decoder: nn.Module) -> int:
-    """How many latent steps away (either side) an output sample of SNAC's decoder can see, rounded
-    up: each convolution reaches (kernel - 1) * dilation / 2 of its own steps, a transposed one
-    max(kernel - 1 - padding, padding) / stride of its input steps; summed in latent steps."""
-    reach, rate = 0.0, 1
+def receptive_latents(decoder: nn.Module) -> tuple[int, int]:
+    """How many latent steps before and after itself an output sample of SNAC's decoder can see,
+    rounded up: a "same" convolution reaches (kernel - 1) * dilation / 2 of its own steps either
+    way; a transposed one (output j sees inputs i with 0 <= j + padding - i * stride < kernel)
+    (kernel - 1 - padding) / stride input steps back and padding / stride ahead. Summed in latent
+    steps (a layer's step is 1 / rate of a latent step)."""
+    back = ahead = 0.0
+    rate = 1
     for module in decoder.modules():
         if isinstance(module, nn.ConvTranspose1d):
             k, s, p = module.kernel_size[0], module.stride[0], module.padding[0]
-            reach += max(k - 1 - p, p) / s / rate
+            back += (k - 1 - p) / s / rate
+            ahead += p / s / rate
             rate *= s
         elif isinstance(module, nn.Conv1d):
-            reach += (module.kernel_size[0] - 1) * module.dilation[0] / 2 / rate
-    return math.ceil(reach)
+            reach = (module.kernel_size[0] - 1) * module.dilation[0] / 2 / rate
+            back += reach
+            ahead += reach
+    return math.ceil(back), math.ceil(ahead)
 
 
 class SnacStream:
@@ -241,19 +254,19 @@ def push_many(streams: list[SnacStream], frames: list) -> list[np.ndarray]:
 
 
 def _render(streams: list[SnacStream], ends: list[int]) -> list[np.ndarray]:
-    """Emit latent steps [emitted, ends[b]) of each stream: decode the window that reaches R steps
-    beyond them on both sides (clipped to the stream), keep the middle."""
+    """Emit latent steps [emitted, ends[b]) of each stream: decode the window that reaches C steps
+    before and A after them (clipped to the stream), keep the middle."""
     out = [np.zeros(0, np.float32) for _ in streams]
     busy = [b for b, (s, e) in enumerate(zip(streams, ends)) if e > s._emitted]
     if not busy:
         return out
     codec = streams[busy[0]].codec
-    R, hop = codec.receptive_latents, codec.hop
+    C, A, hop = codec.context_latents, codec.receptive_ahead, codec.hop
     windows = []  # (first latent step, latents (D, W))
     for b in busy:
         s = streams[b]
-        lo = max(s._base, s._emitted - R)
-        hi = min(s._length, ends[b] + R)
+        lo = max(s._base, s._emitted - C)
+        hi = min(s._length, ends[b] + A)
         windows.append((lo, s._z[0, :, lo - s._base:hi - s._base]))
     width = max(w.shape[-1] for _, w in windows)
     z = torch.zeros(len(windows), windows[0][1].shape[0], width, device=codec.device,
@@ -265,7 +278,7 @@ def _render(streams: list[SnacStream], ends: list[int]) -> list[np.ndarray]:
         s, lo = streams[b], windows[row][0]
         out[b] = audio[row, (s._emitted - lo) * hop:(ends[b] - lo) * hop].float().cpu().numpy()
         s._emitted = ends[b]
-        keep = max(s._base, s._emitted - R)  # the next window starts no earlier than this
+        keep = max(s._base, s._emitted - C)  # the next window starts no earlier than this
         if s._z is not None and keep > s._base:
             s._z = s._z[..., keep - s._base:]
             s._base = keep
