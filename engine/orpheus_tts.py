@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.engine import Engine, resolve_device
 from engine.sampling import SamplingParams
-from engine.tts import Speech, merge_stats, stretch
+from engine.tts import Speech, decode_plans, merge_stats, stretch
 from engine.types import GenerationConfig, GenerationStats
 from models.bundle import load_bundle
 from models.llama import LlamaForCausalLM
@@ -139,19 +139,12 @@ class OrpheusTTS:
         streaming path does. Speech.tokens: the audio token ids of every sentence."""
         cfg = cfg or self.default_config()
         start = time.perf_counter()
-        plans = self.plan(text, voice=voice)
         total, tokens, audio = GenerationStats(), [], []
-        step = self.engine.cache.max_batch
-        for i in range(0, len(plans), step):
-            group = plans[i:i + step]
-            results = self.engine.generate_batch(
-                [p.prompt for p in group], [self.generation_config(p, cfg) for p in group],
-                [self.rule(p) for p in group])
-            for r in results:
-                merge_stats(total, r.stats)
-                frames, _ = self.take_frames(r.tokens, 0)
-                tokens += orpheus.audio_tokens(r.tokens)
-                audio.append(self.vocode(stretch(frames, speed, 0)[0]))
+        for r in decode_plans(self, self.plan(text, voice=voice), cfg):
+            merge_stats(total, r.stats)
+            frames, _ = self.take_frames(r.tokens, 0)
+            tokens += orpheus.audio_tokens(r.tokens)
+            audio.append(self.vocode(stretch(frames, speed, 0)[0]))
         total.gen_seconds = time.perf_counter() - start
         return Speech(audio=np.concatenate(audio).clip(-1, 1), sample_rate=self.sample_rate,
                       tokens=tokens, stats=total)

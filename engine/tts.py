@@ -55,6 +55,17 @@ def merge_stats(total: GenerationStats, part: GenerationStats) -> None:
             mine[i] += v
 
 
+def decode_plans(tts, plans: list, cfg: GenerationConfig):
+    """Each plan's GenerationResult, in order: the sentences run as one batch, max_batch at a time,
+    under the voice's rule and caps (`tts`: TextToSpeech or a family's counterpart)."""
+    step = tts.engine.cache.max_batch
+    for i in range(0, len(plans), step):
+        group = plans[i:i + step]
+        yield from tts.engine.generate_batch(
+            [p.prompt for p in group], [tts.generation_config(p, cfg) for p in group],
+            [tts.rule(p) for p in group])
+
+
 def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]:
     """Time-scale a frame stream by `speed` (2.0 = twice as fast) without changing pitch: output frame j
     shows input frame floor(j * speed). `done` counts output frames already produced; returns the new
@@ -181,19 +192,12 @@ class TextToSpeech:
     def synthesize(self, text: str, cfg: GenerationConfig = GenerationConfig(max_new_tokens=10**6),
                    speed: float = 1.0, voice: str | None = None) -> Speech:
         start = time.perf_counter()
-        plans = self.plan(text)
         total = GenerationStats()
         tokens: list[list[int]] = []  # per sentence
-        step = self.engine.cache.max_batch
-        for i in range(0, len(plans), step):  # sentences run as one batch, max_batch at a time
-            group = plans[i:i + step]
-            results = self.engine.generate_batch(
-                [p.prompt for p in group], [self.generation_config(p, cfg) for p in group],
-                [self.rule(p) for p in group])
-            for r in results:
-                merge_stats(total, r.stats)
-                frames = interleaved.speech_tokens(self.layout, r.tokens)
-                tokens.append(stretch(frames, speed, 0)[0])
+        for r in decode_plans(self, self.plan(text), cfg):
+            merge_stats(total, r.stats)
+            frames = interleaved.speech_tokens(self.layout, r.tokens)
+            tokens.append(stretch(frames, speed, 0)[0])
         # each sentence is vocoded on its own, as the streaming path does
         audio = np.concatenate([self.vocode(t) for t in tokens])
         total.gen_seconds = time.perf_counter() - start  # wall time, frontend and vocoder included
