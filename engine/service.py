@@ -25,7 +25,6 @@ from engine.scheduler import CAPACITY_MARGIN, Capacity, Playback, Policy
 from engine.sequence import Sequence
 from engine.tts import SentencePlan, TextToSpeech, merge_stats, stretch
 from engine.types import GenerationConfig, GenerationStats
-from models import interleaved
 
 log = logging.getLogger("spectts.service")
 FINAL = ("done", "error", "cancelled")
@@ -52,7 +51,7 @@ class _Sentence:
     plan: SentencePlan
     seq: Sequence
     index: int
-    frames: list[int] = field(default_factory=list)  # speech tokens so far
+    frames: list = field(default_factory=list)  # the voice's frames so far (`take_frames`)
     scanned: int = 0  # tokens of seq.tokens already read into `frames` (the prompt at the start)
     emitted: int = 0  # stretched frames already sent to the vocoder
     pending: list[int] = field(default_factory=list)  # stretched frames not yet vocoded
@@ -63,8 +62,9 @@ class SpeechStream:
     """One request. Async side: `events()`; any thread: `add_text`, `end_input`, `cancel`."""
 
     def __init__(self, service: TTSService, cfg: GenerationConfig, speed: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, voice: str | None = None) -> None:
         self.service, self.cfg, self.speed, self.loop = service, cfg, speed, loop
+        self.voice = voice  # the speaker, for voices with several (None: the default)
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._lock = threading.Lock()
         self._text = ""  # received, not yet split into sentences
@@ -79,7 +79,7 @@ class SpeechStream:
         self.sentences_started = 0
         self.current: _Sentence | None = None
         self.queued: list[SentencePlan] = []  # split, phonemised, not started
-        self.vocoder = None  # StreamingVocoder, created in the engine thread
+        self.vocoder = None  # the voice's streaming decoder, created in the engine thread
 
     # --- client side --------------------------------------------------------------------------
     def add_text(self, text: str) -> None:
@@ -197,13 +197,14 @@ class TTSService:
                                   waiting=self.waiting, capacity=self.capacity.streams())
 
     def open(self, cfg: GenerationConfig, speed: float = 1.0,
-             loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
+             loop: asyncio.AbstractEventLoop | None = None, voice: str | None = None
+             ) -> SpeechStream:
         """A new request; ServiceBusy when the queue is full or the running streams cannot take
         more (`overloaded`)."""
-        self.tts.engine.check([self.tts.layout.bos], cfg)  # ValueError for a bad config, now
+        self.tts.check(cfg)  # ValueError for a bad config, now
         if (reason := self.overloaded()) is not None:
             raise ServiceBusy(reason)
-        stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop())
+        stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop(), voice)
         try:
             self._waiting.put_nowait(stream)
         except queue.Full:
@@ -221,7 +222,7 @@ class TTSService:
             results = self.tts.engine.generate_batch(
                 [plan.prompt] * n, [gen_cfg] * n, [self.tts.rule(plan) for _ in range(n)],
                 self.prefill_chunk, self.row_budget)
-            audio = sum(len(self.tts.vocode(interleaved.speech_tokens(self.tts.layout, r.tokens)))
+            audio = sum(len(self.tts.vocode(self.tts.take_frames(r.tokens, 0)[0]))
                         for r in results) / self.tts.sample_rate
             seconds = time.perf_counter() - start
             steps = max(r.stats.target_forwards for r in results)  # same prompts: one per step
@@ -230,15 +231,13 @@ class TTSService:
 
     # --- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
-        from models.vocoder import StreamingVocoder
-
         while not self._stop:
             while len(self._active) < self.max_active and not self._waiting.empty():
                 stream = self._waiting.get_nowait()
                 if stream.cancelled:  # left while waiting: never takes a slot
                     self._close(stream, Event("cancelled", stats=stream.summary()))
                     continue
-                stream.vocoder = StreamingVocoder(self.tts.vocoder)
+                stream.vocoder = self.tts.stream_decoder()
                 self._active.append(stream)
             for stream in list(self._active):
                 self._advance_input(stream)
@@ -270,7 +269,7 @@ class TTSService:
                 return
             sentences, final = stream.take_sentences()
             for text in sentences:
-                stream.queued.extend(self.tts.plan(text))
+                stream.queued.extend(self.tts.plan(text, voice=stream.voice))
             if stream.queued:
                 plan = stream.queued.pop(0)
                 cfg = self.tts.generation_config(plan, stream.cfg)
@@ -307,24 +306,29 @@ class TTSService:
         first_chunk_frames), so the next chunk is decoded before the buffer runs out while the
         stream decodes faster than half real time. The streaming vocoder gives the same samples
         however the frames are chunked."""
+        first, largest = self._frames(self.first_chunk_frames), self._frames(self.chunk_frames)
         if index == 0:
-            return self.first_chunk_frames + -(-self.tts.vocoder.cfg.overlap_samples // self._hop)
-        size = min(self.chunk_frames, int(self.first_chunk_frames * 1.5 ** index))
+            return first + -(-self.tts.lookahead_samples // self._hop)
+        size = min(largest, int(first * 1.5 ** index))
         if buffered_s is not None:
             frame_s = self._hop / self.tts.sample_rate
-            size = min(size, max(self.first_chunk_frames, int(buffered_s / 2 / frame_s)))
+            size = min(size, max(first, int(buffered_s / 2 / frame_s)))
         return size
+
+    def _frames(self, units: int) -> int:
+        """Chunk sizes are set in 20 ms units (the shipped voice's frames): the voice's frames that
+        cover as much audio, at least one (a SNAC frame is 85 ms)."""
+        return max(1, -(-units * self.tts.sample_rate // (50 * self._hop)))
 
     @property
     def _hop(self) -> int:
-        return self.tts.vocoder.cfg.hop
+        """Samples per frame of the voice."""
+        return self.tts.hop
 
     def _collect(self, streams: list[SpeechStream]) -> float:
         """Vocode what each stream's current sentence has accepted, every push of the step in one
         batched vocoder pass (`push_many`); finish sentences whose sequence has ended. Returns the
         seconds of audio the step decoded (vocoded now or later)."""
-        from models.vocoder import push_many
-
         decoded, pushes = 0.0, {}  # stream -> frames to vocode now
         for stream in streams:
             try:
@@ -335,7 +339,8 @@ class TTSService:
             except Exception as exc:  # noqa: BLE001
                 self._fail(stream, exc, "request failed while vocoding")
         try:
-            audio = dict(zip(pushes, push_many([s.vocoder for s in pushes], list(pushes.values()))))
+            audio = dict(zip(pushes, self.tts.push_many([s.vocoder for s in pushes],
+                                                         list(pushes.values()))))
         except Exception as exc:  # noqa: BLE001 — not a request's fault (its tokens are the
             # model's own): the streams of this pass fail, the others and the loop go on
             for stream in pushes:
@@ -355,8 +360,8 @@ class TTSService:
         if any."""
         sent, playback = stream.current, stream.playback
         tokens = sent.seq.tokens  # prompt + generated, only ever appended to: read the new ones
-        sent.frames += interleaved.speech_tokens(self.tts.layout, tokens[sent.scanned:])
-        sent.scanned = len(tokens)
+        frames, sent.scanned = self.tts.take_frames(tokens, sent.scanned)
+        sent.frames += frames
         new, sent.emitted = stretch(sent.frames, stream.speed, sent.emitted)
         sent.pending += new
         threshold = self.chunk_size(sent.chunks, playback.slack(time.perf_counter())
@@ -401,12 +406,13 @@ class TTSService:
 
     # --- convenience --------------------------------------------------------------------------
     def speak(self, text: str, cfg: GenerationConfig, speed: float = 1.0,
-              loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
+              loop: asyncio.AbstractEventLoop | None = None, voice: str | None = None
+              ) -> SpeechStream:
         """A whole-text request, phonemised once, here (ValueError now for unspeakable text)."""
         if (reason := self.overloaded()) is not None:  # before phonemising: refusals stay cheap
             raise ServiceBusy(reason)
-        plans = self.tts.plan(text)
-        stream = self.open(replace(cfg), speed, loop)
+        plans = self.tts.plan(text, voice=voice)
+        stream = self.open(replace(cfg), speed, loop, voice)
         stream.queued.extend(plans)  # before end_input: the engine thread then starts them in order
         stream.end_input()
         return stream

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.engine import Engine, resolve_device
+from engine.sampling import SamplingParams
 from engine.types import PHONEME_DURATIONS, GenerationConfig, GenerationStats
 from models import interleaved
 from models.bundle import load_bundle
@@ -45,13 +46,24 @@ class Speech:
 
 def merge_stats(total: GenerationStats, part: GenerationStats) -> None:
     for name in ("tokens", "target_forwards", "draft_forwards", "drafted", "accepted",
-                 "prompt_tokens", "cached_prompt_tokens"):
+                 "prompt_tokens", "cached_prompt_tokens", "truncated"):
         setattr(total, name, getattr(total, name) + getattr(part, name))
     for name in ("accepted_per_pos", "drafted_per_pos"):
         mine, theirs = getattr(total, name), getattr(part, name)
         mine += [0] * (len(theirs) - len(mine))
         for i, v in enumerate(theirs):
             mine[i] += v
+
+
+def decode_plans(tts, plans: list, cfg: GenerationConfig):
+    """Each plan's GenerationResult, in order: the sentences run as one batch, max_batch at a time,
+    under the voice's rule and caps (`tts`: TextToSpeech or a family's counterpart)."""
+    step = tts.engine.cache.max_batch
+    for i in range(0, len(plans), step):
+        group = plans[i:i + step]
+        yield from tts.engine.generate_batch(
+            [p.prompt for p in group], [tts.generation_config(p, cfg) for p in group],
+            [tts.rule(p) for p in group])
 
 
 def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]:
@@ -102,6 +114,9 @@ class TextToSpeech:
             front.get("voice", "en-us"))
         self.espeak.synthesize("")  # fail (or start PristineEspeak's helper) now, not on a request
         self.name = bundle.raw.get("name", Path(bundle_path).name)
+        self.voices = (self.name,)  # one speaker
+        self.default_voice = self.name
+        self.sampling_defaults = SamplingParams()  # greedy
         self.phoneme_masks = None  # per phoneme id, its allowed (V,) mask; None: unconstrained
         entry = bundle.raw.get("phoneme_tokens")
         coverage = float(phoneme_coverage if phoneme_coverage is not None
@@ -112,8 +127,10 @@ class TextToSpeech:
                 self.engine.vocab_size)
 
     # --- text -> prompts -----------------------------------------------------------------------
-    def plan(self, text: str, max_chars: int = 300) -> list[SentencePlan]:
-        """Split and phonemise; ValueError when nothing speakable is left."""
+    def plan(self, text: str, max_chars: int = 300, voice: str | None = None
+             ) -> list[SentencePlan]:
+        """Split and phonemise; ValueError when nothing speakable is left. `voice`: the bundle has
+        one (callers map names to it)."""
         from models.frontend import normalize, split_sentences
 
         if not text or not text.strip():
@@ -147,23 +164,40 @@ class TextToSpeech:
         return replace(cfg, max_new_tokens=min(cfg.max_new_tokens, self.max_new_tokens(plan)),
                        stop_on_eos=True)
 
+    def check(self, cfg: GenerationConfig) -> None:
+        """ValueError for a config the engine cannot run."""
+        self.engine.check([self.layout.bos], cfg)
+
+    # --- the streaming service's hooks (engine.service): frames are speech tokens ----------------
+    def take_frames(self, tokens: list[int], scanned: int) -> tuple[list[int], int]:
+        """The speech tokens among tokens[scanned:], and how far they were read (all of them)."""
+        return interleaved.speech_tokens(self.layout, tokens[scanned:]), len(tokens)
+
+    def stream_decoder(self):
+        from models.vocoder import StreamingVocoder
+
+        return StreamingVocoder(self.vocoder)
+
+    @staticmethod
+    def push_many(decoders: list, frames: list) -> list[np.ndarray]:
+        from models.vocoder import push_many
+
+        return push_many(decoders, frames)
+
+    @property
+    def lookahead_samples(self) -> int:
+        return self.vocoder.cfg.overlap_samples
+
     # --- offline synthesis ----------------------------------------------------------------------
     def synthesize(self, text: str, cfg: GenerationConfig = GenerationConfig(max_new_tokens=10**6),
-                   speed: float = 1.0) -> Speech:
+                   speed: float = 1.0, voice: str | None = None) -> Speech:
         start = time.perf_counter()
-        plans = self.plan(text)
         total = GenerationStats()
         tokens: list[list[int]] = []  # per sentence
-        step = self.engine.cache.max_batch
-        for i in range(0, len(plans), step):  # sentences run as one batch, max_batch at a time
-            group = plans[i:i + step]
-            results = self.engine.generate_batch(
-                [p.prompt for p in group], [self.generation_config(p, cfg) for p in group],
-                [self.rule(p) for p in group])
-            for r in results:
-                merge_stats(total, r.stats)
-                frames = interleaved.speech_tokens(self.layout, r.tokens)
-                tokens.append(stretch(frames, speed, 0)[0])
+        for r in decode_plans(self, self.plan(text), cfg):
+            merge_stats(total, r.stats)
+            frames = interleaved.speech_tokens(self.layout, r.tokens)
+            tokens.append(stretch(frames, speed, 0)[0])
         # each sentence is vocoded on its own, as the streaming path does
         audio = np.concatenate([self.vocode(t) for t in tokens])
         total.gen_seconds = time.perf_counter() - start  # wall time, frontend and vocoder included

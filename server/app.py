@@ -33,8 +33,8 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     import torch
 
     from engine.engine import resolve_device
+    from engine.orpheus_tts import load_tts
     from engine.threads import set_threads
-    from engine.tts import TextToSpeech
 
     # the engine thread gives the GIL up in every torch op; with Python's default 5 ms a busy event
     # loop (many WebSocket handshakes) can keep it that long each time
@@ -43,10 +43,11 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     threads = settings.torch_threads(device.type)
     if threads:
         set_threads(threads)
-    tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
-                       max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks,
-                       phoneme_coverage=settings.phoneme_coverage,
-                       phoneme_durations=settings.phoneme_durations)
+    tts = load_tts(settings.bundle, settings.codec, settings.draft, device=str(device),
+                   max_batch=settings.max_batch, max_len=settings.max_len,
+                   prefix_blocks=settings.prefix_cache_blocks,
+                   phoneme_coverage=settings.phoneme_coverage,
+                   phoneme_durations=settings.phoneme_durations)
     service = TTSService(tts, queue_size=settings.queue_size,
                          first_chunk_frames=settings.first_chunk_frames,
                          chunk_frames=settings.chunk_frames,

@@ -12,7 +12,10 @@ import argparse
 _FLAGS: list[tuple[str, dict]] = [
     ("--host", {"help": "bind address (default 127.0.0.1; 0.0.0.0 in the container)"}),
     ("--port", {"type": int, "help": "TCP port (default 8000)"}),
-    ("--bundle", {"help": "voice bundle directory (default: the shipped voice)"}),
+    ("--bundle", {"help": "voice bundle directory (default: the shipped voice), or an "
+                          "Orpheus-family checkpoint (with --codec)"}),
+    ("--codec", {"help": "the checkpoint's codec directory (SNAC 24 kHz for Orpheus)"}),
+    ("--draft", {"help": "a smaller Llama with the checkpoint's vocabulary (decoding 'draft')"}),
     ("--device", {"choices": ("cpu", "cuda", "auto"), "help": "default auto"}),
     ("--threads", {"type": int, "help": "torch threads (default 1 on CPU)"}),
     ("--max-len", {"type": int, "help": "KV cache length per sequence (default 4096)"}),
@@ -23,7 +26,8 @@ _FLAGS: list[tuple[str, dict]] = [
                                             "the top token's probability (default 0.5)"}),
     ("--beta", {"type": float, "help": "draft + tolerance: SSD's beta (default 0.4)"}),
     ("--gamma", {"type": int, "help": "draft: tokens drafted per round (default 4)"}),
-    ("--temperature", {"type": float, "help": "default sampling temperature (0: greedy)"}),
+    ("--temperature", {"type": float, "help": "default sampling temperature (0: greedy; default: "
+                                              "the voice's)"}),
     ("--max-input-chars", {"type": int, "help": "longest input text (default 4096)"}),
     ("--max-batch", {"type": int, "help": "requests decoded together (default 16; 1: one at a "
                                           "time)"}),
@@ -79,9 +83,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from engine.orpheus_tts import preflight
     from server.app import create_app
 
     settings = settings_from_args(args)
+    preflight(settings.bundle, settings.codec, settings.draft)  # ValueError: one line, exit 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,

@@ -137,9 +137,9 @@ class _Socket:
         if self.config is None:
             raise errors.bad_request("send session.config before input.text", "no_session_config")
         service = self.state.require()
-        cfg, speed = self.config
+        cfg, speed, voice = self.config
         try:
-            stream = service.open(cfg, speed)
+            stream = service.open(cfg, speed, voice=voice)
         except Exception as exc:  # noqa: BLE001 — ServiceBusy: 503; ValueError: 400
             raise errors.to_api_error(exc, self.state.settings.retry_after_s) from None
         self.stream, self.chars, self.blank = stream, 0, True

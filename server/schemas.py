@@ -44,6 +44,8 @@ class SpeechOptions(BaseModel):
     temperature: float | None = Field(None, ge=0, le=10, description="0: greedy")
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="0: off")
     top_p: float | None = Field(None, gt=0, le=1, description="1: off")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="> 1 discourages "
+                                             "recent tokens; default: the voice's (1: off)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed")
 
 

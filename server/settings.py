@@ -31,7 +31,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
 
     # --- model --------------------------------------------------------------------------------
-    bundle: Path = Field(DEFAULT_VOICE, description="voice bundle directory")
+    bundle: Path = Field(DEFAULT_VOICE, description="voice bundle directory, or a Hugging Face "
+                         "checkpoint of a voice family (with codec)")
+    codec: Path | None = Field(None, description="the checkpoint's codec directory (SNAC 24 kHz "
+                               "for Orpheus-family checkpoints); unset: bundle is a voice bundle")
+    draft: Path | None = Field(None, description="a smaller Llama with the checkpoint's vocabulary, "
+                               "for decoding 'draft' (checkpoints served with codec)")
     device: Device = "auto"
     threads: int | None = Field(None, ge=1, description="torch threads; default 1 on CPU")
     max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")
@@ -46,7 +51,9 @@ class Settings(BaseSettings):
     min_ratio: float = Field(0.5, ge=0, le=1, description="greedy tolerance: a top-tau token needs "
                                                           "this share of the top token's probability")
     gamma: int = Field(4, ge=1, le=16, description="draft: tokens drafted per round")
-    temperature: float = Field(0.0, ge=0)
+    temperature: float | None = Field(None, ge=0, description="default sampling temperature "
+                                      "(0: greedy); unset: the voice's (greedy for bundles, 0.6 "
+                                      "with top_p 0.8 and repetition penalty 1.3 for Orpheus)")
 
     # --- limits -------------------------------------------------------------------------------
     max_input_chars: int = Field(4096, ge=1, description="longest input text, in characters")
