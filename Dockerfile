@@ -31,12 +31,12 @@ COPY models ./models
 COPY server ./server
 RUN pip install .
 
-# --- runtime: the venv, espeak-ng and libsndfile, a non-root user ---------------------------------
+# --- runtime: the venv, Festival (SLT HTS voice), espeak-ng and libsndfile, a non-root user ---------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
 # Debian's stable versions of the base image's release; pinning them would break on every point release
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends espeak-ng libsndfile1 \
+    && apt-get install -y --no-install-recommends festival festvox-us-slt-hts espeak-ng libsndfile1 \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --gid 10001 spectts \
     && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin spectts

@@ -6,12 +6,20 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 system_packages() {
-    # espeak-ng: the teacher voice and the text frontend (libespeak-ng1); the rest: corpus sources
+    # Festival + the SLT HTS voice: the teacher of the natural voice and its text frontend;
+    # espeak-ng: the first voice's teacher and frontend (libespeak-ng1); the rest: corpus sources;
+    # for the tests ($1 = test) also chromium and its driver (the playground's browser test)
     local need=()
+    command -v festival >/dev/null && [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] \
+        || need+=(festival festvox-us-slt-hts)
     [ -e /usr/lib/x86_64-linux-gnu/libespeak-ng.so.1 ] || ldconfig -p | grep -q libespeak-ng.so.1 || need+=(espeak-ng)
     [ -d /usr/share/games/fortunes ] || need+=(fortune-mod fortunes fortunes-min)
     [ -e /usr/share/dict/american-english ] || need+=(wamerican)
     [ -e /usr/share/state/us-constitution.gz ] || need+=(miscfiles)
+    if [ "${1:-}" = test ]; then
+        command -v chromium >/dev/null || need+=(chromium)
+        command -v chromedriver >/dev/null || need+=(chromium-driver)
+    fi
     if ((${#need[@]})); then
         if [ "$(id -u)" = 0 ]; then
             apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
@@ -22,7 +30,7 @@ system_packages() {
 }
 
 setup() {
-    system_packages
+    system_packages "${1:-}"
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
     fi
@@ -37,7 +45,7 @@ setup() {
 
 case "${1:-}" in
     test)
-        setup
+        setup test
         shift
         exec .venv/bin/python -m pytest "$@"
         ;;

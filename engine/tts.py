@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engine.decoding.engine import Engine, resolve_device
+from engine.decoding.sampling import SamplingParams
 from engine.types import GenerationConfig, GenerationStats
 from models.voices import interleaved
 from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS, load_bundle
@@ -39,6 +40,17 @@ class Speech:
     @property
     def seconds(self) -> float:
         return len(self.audio) / self.sample_rate
+
+
+def decode_plans(tts, plans: list, cfg: GenerationConfig):
+    """Each plan's GenerationResult, in order: the sentences run as one batch, max_batch at a time,
+    under the voice's rule and caps (`tts`: TextToSpeech or a family's counterpart)."""
+    step = tts.engine.cache.max_batch
+    for i in range(0, len(plans), step):
+        group = plans[i:i + step]
+        yield from tts.engine.generate_batch(
+            [p.prompt for p in group], [tts.generation_config(p, cfg) for p in group],
+            [tts.rule(p) for p in group])
 
 
 def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]:
@@ -90,6 +102,9 @@ class TextToSpeech:
             front.get("voice", "en-us"))
         self.espeak.synthesize("")  # fail (or start PristineEspeak's helper) now, not on a request
         self.name = bundle.raw.get("name", Path(bundle_path).name)
+        self.voices = (self.name,)  # one speaker
+        self.default_voice = self.name
+        self.sampling_defaults = SamplingParams()  # greedy
         self.phoneme_masks = None  # per phoneme id, its allowed (V,) mask; None: unconstrained
         entry = bundle.raw.get("phoneme_tokens")
         coverage = float(phoneme_coverage if phoneme_coverage is not None
@@ -100,8 +115,10 @@ class TextToSpeech:
                 self.engine.vocab_size)
 
     # --- text -> prompts -----------------------------------------------------------------------
-    def plan(self, text: str, max_chars: int = 300) -> list[SentencePlan]:
-        """Split and phonemise; ValueError when nothing speakable is left."""
+    def plan(self, text: str, max_chars: int = 300, voice: str | None = None
+             ) -> list[SentencePlan]:
+        """Split and phonemise; ValueError when nothing speakable is left. `voice`: the bundle has
+        one (callers map names to it)."""
         from models.voices.frontend import normalize, split_sentences
 
         if not text or not text.strip():
@@ -135,23 +152,36 @@ class TextToSpeech:
         return replace(cfg, max_new_tokens=min(cfg.max_new_tokens, self.max_new_tokens(plan)),
                        stop_on_eos=True)
 
+    # --- the streaming service's hooks (engine.serving): frames are speech tokens ----------------
+    def take_frames(self, tokens: list[int], scanned: int) -> tuple[list[int], int]:
+        """The speech tokens among tokens[scanned:], and how far they were read (all of them)."""
+        return interleaved.speech_tokens(self.layout, tokens[scanned:]), len(tokens)
+
+    def stream_decoder(self):
+        from models.vocoder import StreamingVocoder
+
+        return StreamingVocoder(self.vocoder)
+
+    @staticmethod
+    def push_many(decoders: list, frames: list) -> list[np.ndarray]:
+        from models.vocoder import push_many
+
+        return push_many(decoders, frames)
+
+    @property
+    def lookahead_samples(self) -> int:
+        return self.vocoder.cfg.overlap_samples
+
     # --- offline synthesis ----------------------------------------------------------------------
     def synthesize(self, text: str, cfg: GenerationConfig = GenerationConfig(max_new_tokens=10**6),
-                   speed: float = 1.0) -> Speech:
+                   speed: float = 1.0, voice: str | None = None) -> Speech:
         start = time.perf_counter()
-        plans = self.plan(text)
         total = GenerationStats()
         tokens: list[list[int]] = []  # per sentence
-        step = self.engine.cache.max_batch
-        for i in range(0, len(plans), step):  # sentences run as one batch, max_batch at a time
-            group = plans[i:i + step]
-            results = self.engine.generate_batch(
-                [p.prompt for p in group], [self.generation_config(p, cfg) for p in group],
-                [self.rule(p) for p in group])
-            for r in results:
-                total.merge(r.stats)
-                frames = interleaved.speech_tokens(self.layout, r.tokens)
-                tokens.append(stretch(frames, speed, 0)[0])
+        for r in decode_plans(self, self.plan(text), cfg):
+            total.merge(r.stats)
+            frames = interleaved.speech_tokens(self.layout, r.tokens)
+            tokens.append(stretch(frames, speed, 0)[0])
         # each sentence is vocoded on its own, as the streaming path does
         audio = np.concatenate([self.vocode(t) for t in tokens])
         total.gen_seconds = time.perf_counter() - start  # wall time, frontend and vocoder included

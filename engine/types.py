@@ -114,6 +114,8 @@ class GenerationStats:
     gen_seconds: float = 0.0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens reused from the prefix cache, not computed
+    truncated: int = 0  # sequences stopped by a length limit (max_new_tokens, the cache) before
+    # their end token: a sentence whose speech never ended
     accepted_per_pos: list[int] = field(default_factory=list)  # accepted drafts by depth 1, 2, …
     drafted_per_pos: list[int] = field(default_factory=list)
 

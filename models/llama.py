@@ -11,6 +11,7 @@ uses, where its new tokens go and which cached entries each new token may attend
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -43,6 +44,9 @@ class LlamaConfig:
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = field(default_factory=tuple)
+    # Llama 3.1+'s frequency-dependent rope scaling, as (name, value) pairs of the config's
+    # `rope_scaling` ("rope_type": "llama3"); empty: none
+    rope_scaling: tuple[tuple[str, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.head_dim == 0:
@@ -55,23 +59,46 @@ class LlamaConfig:
         model_type = raw.get("model_type", "llama")
         if model_type != "llama":
             raise ValueError(f"unsupported model_type {model_type!r}: only 'llama' is implemented")
-        if raw.get("rope_scaling"):
-            raise ValueError(f"rope_scaling {raw['rope_scaling']!r} is not supported")
+        scaling = raw.get("rope_scaling") or {}
+        if scaling and scaling.get("rope_type", scaling.get("type")) != "llama3":
+            raise ValueError(f"rope_scaling {scaling!r} is not supported (only rope_type llama3)")
         if raw.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {raw['hidden_act']!r} is not supported")
         eos = raw.get("eos_token_id")
         eos_ids = () if eos is None else tuple(eos) if isinstance(eos, list) else (int(eos),)
-        names = {f for f in cls.__dataclass_fields__ if f != "eos_token_id"}
+        names = {f for f in cls.__dataclass_fields__ if f not in ("eos_token_id", "rope_scaling")}
         kwargs = {k: raw[k] for k in names if k in raw and raw[k] is not None}
         kwargs.setdefault("num_key_value_heads", raw["num_attention_heads"])
+        if scaling:
+            kwargs["rope_scaling"] = tuple(sorted(
+                (k, float(scaling[k])) for k in LLAMA3_SCALING_KEYS))
         return cls(eos_token_id=eos_ids, **kwargs)
 
     def to_dict(self) -> dict:
         raw = asdict(self)
         raw["eos_token_id"] = list(self.eos_token_id)
+        raw["rope_scaling"] = {**dict(self.rope_scaling), "rope_type": "llama3"} if self.rope_scaling \
+            else None
         raw.update(model_type="llama", architectures=["LlamaForCausalLM"], hidden_act="silu",
                    torch_dtype="float32")
         return raw
+
+
+LLAMA3_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+                       "original_max_position_embeddings")
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low_freq_factor: float,
+                    high_freq_factor: float, original_max_position_embeddings: float
+                    ) -> torch.Tensor:
+    """Llama 3.1's rope scaling of the rotary frequencies (head_dim/2,): wavelengths shorter than
+    original/high_freq_factor keep their frequency, those longer than original/low_freq_factor are
+    slowed by `factor`, and the band between blends the two linearly in original/wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    ratio = original_max_position_embeddings / wavelength  # periods within the original context
+    blend = ((ratio - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    # blend 0 (long wavelengths): inv_freq / factor; blend 1 (short ones): inv_freq unchanged
+    return inv_freq / factor * (1 - blend) + inv_freq * blend
 
 
 class RMSNorm(nn.Module):
@@ -95,9 +122,12 @@ class Rotary(nn.Module):
     keeps sin with the sign of `rotate_half` folded in (-sin on the first half), so applying it is a
     roll, two products and a sum."""
 
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, scaling: tuple[tuple[str, float], ...] = ()
+                 ) -> None:
         super().__init__()
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+        if scaling:
+            inv_freq = llama3_inv_freq(inv_freq, **dict(scaling))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.register_buffer("table", torch.zeros(0, 2, head_dim), persistent=False)
 
@@ -230,7 +260,7 @@ class LlamaBody(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -290,7 +320,7 @@ class LlamaForCausalLM(nn.Module):
         path = Path(path)
         cfg = LlamaConfig.from_dict(json.loads((path / "config.json").read_text()))
         model = cls(cfg)
-        model.load_state_dict_hf(load_file(str(path / "model.safetensors")))
+        model.load_state_dict_hf(read_safetensors(path))
         return model.to(device=device, dtype=dtype).eval()
 
     def load_state_dict_hf(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -322,6 +352,24 @@ class LlamaForCausalLM(nn.Module):
                    for name in hf_parameter_names(self.config)
                    if not (name == "lm_head.weight" and self.config.tie_word_embeddings)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face directory: `model.safetensors`, or the shards that
+    `model.safetensors.index.json`'s weight_map names (any dtype: loading converts)."""
+    if (path / "model.safetensors").exists():
+        return load_file(str(path / "model.safetensors"))
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        raise ValueError(f"{path} has neither model.safetensors nor model.safetensors.index.json")
+    shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [s for s in shards if not (path / s).exists()]
+    if missing:
+        raise ValueError(f"{path}: shards named by {index.name} are missing: {', '.join(missing)}")
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(str(path / shard)))
+    return tensors
 
 
 def hf_parameter_names(cfg: LlamaConfig) -> list[str]:

@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from engine.serving.deadlines import Policy
 from engine.serving.service import TTSService
 from engine.types import GenerationConfig
-from server import errors, routes_http, routes_ws
-from server.middleware import ServerMiddleware
+from server import errors, routes_http, routes_playground, routes_ws
+from server.middleware import OPEN_PATHS, ServerMiddleware
 from server.settings import Settings
 from server.speech import CALIBRATION_TEXT, ServerState, default_config
 
@@ -33,8 +33,8 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     import torch
 
     from engine.decoding.engine import resolve_device
+    from engine.orpheus_tts import load_tts
     from engine.threads import set_threads
-    from engine.tts import TextToSpeech
 
     # the engine thread gives the GIL up in every torch op; with Python's default 5 ms a busy event
     # loop (many WebSocket handshakes) can keep it that long each time
@@ -43,10 +43,11 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     threads = settings.torch_threads(device.type)
     if threads:
         set_threads(threads)
-    tts = TextToSpeech(settings.bundle, device=str(device), max_batch=settings.max_batch,
-                       max_len=settings.max_len, prefix_blocks=settings.prefix_cache_blocks,
-                       phoneme_coverage=settings.phoneme_coverage,
-                       phoneme_durations=settings.phoneme_durations, runner=settings.runner)
+    tts = load_tts(settings.bundle, settings.codec, settings.draft, device=str(device),
+                   max_batch=settings.max_batch, max_len=settings.max_len,
+                   prefix_blocks=settings.prefix_cache_blocks,
+                   phoneme_coverage=settings.phoneme_coverage,
+                   phoneme_durations=settings.phoneme_durations, runner=settings.runner)
     service = TTSService(tts, queue_size=settings.queue_size,
                          first_chunk_frames=settings.first_chunk_frames,
                          chunk_frames=settings.chunk_frames,
@@ -97,7 +98,9 @@ def create_app(settings: Settings | None = None, service: TTSService | None = No
     errors.install(app)
     app.include_router(routes_http.router)
     app.include_router(routes_ws.router)
+    app.include_router(routes_playground.router)
     paths = {r.path for r in (*routes_http.router.routes, *routes_ws.router.routes)}
-    paths |= {app.openapi_url, app.docs_url, app.redoc_url}
-    app.add_middleware(ServerMiddleware, state=state, routes=frozenset(paths))
+    paths |= {app.openapi_url, app.docs_url, app.redoc_url} | routes_playground.PATHS
+    app.add_middleware(ServerMiddleware, state=state, routes=frozenset(paths),
+                       open_paths=OPEN_PATHS | routes_playground.PATHS)
     return app

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from engine.decoding.sampling import SamplingParams
 from engine.types import ACCEPTS, DECODINGS, GenerationConfig, default_of, help_of
@@ -32,28 +33,35 @@ _GENERATION_FLAGS = {"max_new_tokens": GenerationConfig, "decoding": GenerationC
                      "top_p": SamplingParams, "repetition_penalty": SamplingParams,
                      "repetition_window": SamplingParams, "seed": GenerationConfig}
 _CHOICES = {"decoding": DECODINGS, "accept": ACCEPTS}
+_SAMPLING_FLAGS = [name for name, cls in _GENERATION_FLAGS.items() if cls is SamplingParams]
 
 
-def add_generation_flags(p: argparse.ArgumentParser, **defaults) -> None:
+def add_generation_flags(p: argparse.ArgumentParser, voice_sampling: bool = False,
+                         **defaults) -> None:
     """--max-new-tokens, --decoding, ... with the engine's defaults and help (`GenerationConfig`,
     `SamplingParams`): one source, so a flag's default cannot drift from the engine's. `defaults`:
-    a command's own defaults for some of them."""
+    a command's own defaults for some of them. voice_sampling: the sampling flags default to the
+    voice's sampling (`generation_config`'s `sampling`), not the engine's."""
     for name, cls in _GENERATION_FLAGS.items():
         default = defaults.get(name, default_of(cls, name))
-        kind = int if name == "seed" else type(default)
+        kind = int if name == "seed" else type(default_of(cls, name))
+        shown = default
+        if voice_sampling and name in _SAMPLING_FLAGS:
+            default, shown = None, "the voice's"
         # choices shown, checked by GenerationConfig.validate (one place, one message)
         kwargs = {"metavar": "{" + ",".join(_CHOICES[name]) + "}"} if name in _CHOICES else {"type": kind}
         p.add_argument(f"--{name.replace('_', '-')}", default=default,
-                       help=f"{help_of(cls, name)} (default: {default})", **kwargs)
+                       help=f"{help_of(cls, name)} (default: {shown})", **kwargs)
 
 
-def generation_config(args: argparse.Namespace) -> GenerationConfig:
+def generation_config(args: argparse.Namespace, sampling: SamplingParams = SamplingParams()
+                      ) -> GenerationConfig:
+    """The flags' config; sampling flags left unset (None) keep `sampling`'s values."""
+    given = {k: getattr(args, k) for k in _SAMPLING_FLAGS if getattr(args, k) is not None}
     return GenerationConfig(
         max_new_tokens=args.max_new_tokens, decoding=args.decoding, accept=args.accept,
         tau=args.tau, beta=args.beta, gamma=args.gamma, seed=args.seed, min_ratio=args.min_ratio,
-        sampling=SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                repetition_penalty=args.repetition_penalty,
-                                repetition_window=args.repetition_window))
+        sampling=replace(sampling, **given))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,18 +76,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     add_generation_flags(gen)
 
-    syn = sub.add_parser("synth", help="text to a WAV file with a voice bundle")
+    syn = sub.add_parser("synth", help="text to a WAV file with a voice bundle or an Orpheus-family "
+                                       "checkpoint")
     syn.add_argument("text", nargs="?", help="the text to speak")
     syn.add_argument("-o", "--output", default="out.wav", help="WAV file (single text)")
     syn.add_argument("--text-file", help="one text per line; writes OUT_DIR/000.wav, 001.wav, …")
     syn.add_argument("--out-dir", default="synth_out")
-    syn.add_argument("--bundle", default=None, help="voice bundle (default: the shipped voice)")
+    syn.add_argument("--bundle", default=None, help="voice bundle (default: the shipped voice), or "
+                                                    "an Orpheus-family checkpoint (with --codec)")
+    syn.add_argument("--codec", default=None, help="the checkpoint's codec directory (SNAC 24 kHz)")
+    syn.add_argument("--draft", default=None, help="a smaller Llama with the checkpoint's "
+                                                   "vocabulary (--decoding draft)")
+    syn.add_argument("--voice", default=None, help="the speaker (Orpheus: tara, leah, …; default: "
+                                                   "the checkpoint's first)")
     syn.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     syn.add_argument("--threads", type=int, default=None, help="torch and BLAS threads")
     syn.add_argument("--json", action="store_true", help="print one JSON object per text")
     syn.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default=None,
                      help="who ends each phoneme: the speech LM or espeak-ng (default: the voice's)")
-    add_generation_flags(syn, max_new_tokens=10**6)  # each sentence is capped by its phonemes
+    # each sentence is capped by its text; sampling defaults to the voice's (Orpheus samples)
+    add_generation_flags(syn, voice_sampling=True, max_new_tokens=10**6)
     add_serve_parser(sub)
 
     ben = sub.add_parser("bench", help="run a benchmark: engine | load | voice (bench/*.py); "
@@ -127,24 +143,26 @@ def cmd_synth(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import soundfile
+    from engine.orpheus_tts import load_tts
     from engine.threads import set_threads
-    from engine.tts import TextToSpeech
     from models.voices.bundle import DEFAULT_VOICE
 
     if args.threads:
         set_threads(args.threads)
     if (args.text is None) == (args.text_file is None):
         raise ValueError("give either a text or --text-file")
-    cfg = generation_config(args)
     texts = ([args.text] if args.text is not None
              else Path(args.text_file).read_text(encoding="utf-8").splitlines())
-    tts = TextToSpeech(args.bundle or DEFAULT_VOICE, device=args.device,
-                       phoneme_durations=args.phoneme_durations)
+    tts = load_tts(args.bundle or DEFAULT_VOICE, args.codec, args.draft, device=args.device,
+                   phoneme_durations=args.phoneme_durations)
+    if args.voice is not None and args.voice not in tts.voices:
+        raise ValueError(f"unknown voice {args.voice!r}; this voice has {', '.join(tts.voices)}")
+    cfg = generation_config(args, tts.sampling_defaults)
     for text in texts:  # validate every line before speaking any
-        tts.plan(text)
+        tts.plan(text, voice=args.voice)
     for i, text in enumerate(texts):
         start = time.perf_counter()
-        speech = tts.synthesize(text, cfg)
+        speech = tts.synthesize(text, cfg, voice=args.voice)
         seconds = time.perf_counter() - start
         path = Path(args.output) if args.text is not None else Path(args.out_dir) / f"{i:03d}.wav"
         path.parent.mkdir(parents=True, exist_ok=True)

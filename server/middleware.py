@@ -3,6 +3,8 @@ duration until the last byte, streamed bodies included). WebSocket sessions do b
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import time
 
@@ -13,6 +15,11 @@ from server import errors
 from server.speech import ServerState
 
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes answer without the API key
+# Browsers cannot set headers on a WebSocket: they offer the key as a subprotocol instead,
+# new WebSocket(url, ["spectts", "spectts.bearer." + base64url(key)]); the server answers "spectts"
+# (a browser drops a handshake whose answer names none of its offers), never the key.
+WS_PROTOCOL = "spectts"
+WS_KEY_PROTOCOL = "spectts.bearer."
 
 
 def authorized(headers: Headers, state: ServerState) -> bool:
@@ -21,14 +28,36 @@ def authorized(headers: Headers, state: ServerState) -> bool:
     if key is None:
         return True
     scheme, _, given = headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(),
-                                                              key.get_secret_value().encode())
+    return scheme.lower() == "bearer" and _same(given.strip().encode(), state)
+
+
+def authorized_socket(scope: Scope, state: ServerState) -> bool:
+    """A WebSocket handshake: the Authorization header, or the key offered as the subprotocol
+    `spectts.bearer.<base64url(key), unpadded>`."""
+    if authorized(Headers(scope=scope), state):
+        return True
+    for offer in scope.get("subprotocols", ()):
+        if offer.startswith(WS_KEY_PROTOCOL):
+            encoded = offer[len(WS_KEY_PROTOCOL):]
+            try:
+                given = base64.urlsafe_b64decode(encoded + "=" * (-len(encoded) % 4))
+            except (binascii.Error, ValueError):
+                continue
+            if _same(given, state):
+                return True
+    return False
+
+
+def _same(given: bytes, state: ServerState) -> bool:
+    return hmac.compare_digest(given, state.settings.api_key.get_secret_value().encode())
 
 
 class ServerMiddleware:
-    def __init__(self, app: ASGIApp, state: ServerState, routes: frozenset[str]) -> None:
-        """`routes`: the app's paths; others are counted as route="other" (bounded labels)."""
-        self.app, self.state, self.routes = app, state, routes
+    def __init__(self, app: ASGIApp, state: ServerState, routes: frozenset[str],
+                 open_paths: frozenset[str] = OPEN_PATHS) -> None:
+        """`routes`: the app's paths; others are counted as route="other" (bounded labels).
+        `open_paths`: answered without the API key."""
+        self.app, self.state, self.routes, self.open_paths = app, state, routes, open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -45,7 +74,7 @@ class ServerMiddleware:
             await send(message)
 
         try:
-            if path not in OPEN_PATHS and not authorized(Headers(scope=scope), self.state):
+            if path not in self.open_paths and not authorized(Headers(scope=scope), self.state):
                 await errors.unauthorized().response()(scope, receive, send_status)
                 return
             await self.app(scope, receive, send_status)

@@ -34,7 +34,7 @@ _SPEECH_RESPONSES = {
 async def create_speech(body: SpeechRequest, request: Request,
                         state: ServerState = Depends(get_state)) -> Response:
     """Text to speech, compatible with OpenAI's speech API (plus SpecTTS's decoding fields)."""
-    cfg, speed = state.resolve(body)
+    cfg, speed, voice = state.resolve(body)
     text = state.check_input(body.input)
     fmt = body.response_format
     if fmt not in state.formats:
@@ -45,7 +45,7 @@ async def create_speech(body: SpeechRequest, request: Request,
     if streaming and fmt not in STREAM_FORMATS:
         raise errors.bad_request(f"streaming supports response_format {' and '.join(STREAM_FORMATS)}"
                                  f", not {fmt!r}", "unsupported_format", "response_format")
-    stream = await start_speech(state, text, cfg, speed)
+    stream = await start_speech(state, text, cfg, speed, voice)
     guard = Guard(stream, state.settings.request_timeout_s, request)
     if not streaming:
         try:
@@ -176,11 +176,13 @@ async def list_models(state: ServerState = Depends(get_state)) -> dict:
 
 @router.get("/v1/audio/voices")
 async def list_voices(state: ServerState = Depends(get_state)) -> dict:
-    """The bundle's voice; OpenAI's voice names are accepted as aliases of it."""
-    service = state.require()
-    return {"voices": [{"id": state.voice, "name": state.voice,
-                        "sample_rate": service.tts.sample_rate, "aliases": state.voice_ids()[1:],
-                        "formats": list(state.formats)}]}
+    """The voice's speakers; OpenAI's voice names are accepted as aliases of the default one."""
+    tts = state.require().tts
+    aliases = [v for v in state.voice_ids() if v not in tts.voices]
+    return {"voices": [{"id": v, "name": v, "sample_rate": tts.sample_rate,
+                        "aliases": aliases if v == tts.default_voice else [],
+                        "default": v == tts.default_voice, "formats": list(state.formats)}
+                       for v in tts.voices]}
 
 
 @router.get("/health")

@@ -6,7 +6,8 @@ Client -> server (JSON text frames, each with a "type"):
                                       decoding, accept, tau, beta, min_ratio, temperature, top_k, seed, ...);
                                       stays in effect for every later session on the socket
     {"type": "input.text", "text": "..."}   any number; the first one starts a session
-    {"type": "input.done"}            no more text: speak the rest, then end the session
+    {"type": "input.done"}            no more text: speak the rest, then end the session (a session
+                                      whose text is blank is refused, as HTTP refuses an empty input)
     {"type": "cancel"}                stop the running session now
 Server -> client:
     {"type": "audio.start", "sentence_index": i, "sentence_text": "...", "format": "pcm_s16le",
@@ -18,7 +19,9 @@ Server -> client:
     {"type": "error", "error": {"message", "type", "param", "code"}}   a refused message or a failed
         session; the socket stays open for the next one. A session refused at capacity (code
         "server_busy") also carries "retry_after": seconds, as HTTP's Retry-After header.
-A client that disconnects stops its generation.
+A client that disconnects stops its generation. With an API key set, send `Authorization: Bearer
+<key>`, or (browsers cannot set headers on a WebSocket) offer the subprotocols
+["spectts", "spectts.bearer.<base64url(key)>"] (server.middleware.authorized_socket).
 """
 
 from __future__ import annotations
@@ -30,12 +33,11 @@ import time
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
-from starlette.datastructures import Headers
 
 from engine.serving.stream import Event, EventKind, SpeechStream
 from server import errors
 from server.audio import pcm16
-from server.middleware import authorized
+from server.middleware import WS_PROTOCOL, authorized_socket
 from server.schemas import InputText, SessionConfig
 from server.speech import Guard, ServerState
 
@@ -48,8 +50,9 @@ _STATUS = {EventKind.DONE: 200, EventKind.CANCELLED: 499, EventKind.ERROR: 500}
 @router.websocket(ROUTE)
 async def speech_stream(ws: WebSocket) -> None:
     state: ServerState = ws.app.state.spectts
-    await ws.accept()
-    if not authorized(Headers(scope=ws.scope), state):
+    await ws.accept(subprotocol=WS_PROTOCOL if WS_PROTOCOL in ws.scope.get("subprotocols", ())
+                    else None)
+    if not authorized_socket(ws.scope, state):
         await ws.send_json({"type": "error", **errors.unauthorized().body()})
         await ws.close(code=1008, reason="missing or invalid API key")
         state.metrics.request(ROUTE, 401, 0.0)
@@ -72,6 +75,7 @@ class _Socket:
         self.stream: SpeechStream | None = None
         self.pump: asyncio.Task | None = None
         self.chars = 0
+        self.blank = True  # the session's text so far is only whitespace
         self._send = asyncio.Lock()
 
     async def serve(self) -> None:
@@ -110,6 +114,7 @@ class _Socket:
             if self.stream is None:
                 await self.start()
             self.chars += len(piece)
+            self.blank = self.blank and not piece.strip()
             limit = self.state.settings.max_input_chars
             if self.chars > limit:
                 self.stream.cancel()
@@ -119,6 +124,9 @@ class _Socket:
         elif kind == "input.done":
             if self.stream is None:
                 raise errors.bad_request("no input.text was sent before input.done", "invalid_input")
+            if self.blank:
+                self.stream.cancel()
+                raise errors.bad_request("input is empty", "invalid_input", "text")
             self.stream.end_input()
         elif kind == "cancel":
             if self.stream is not None:
@@ -134,15 +142,15 @@ class _Socket:
                 raise errors.bad_request("send session.config before input.text",
                                          "no_session_config")
             service = self.state.require()
-            cfg, speed = self.config
+            cfg, speed, voice = self.config
             try:
-                stream = service.open(cfg, speed)
+                stream = service.open(cfg, speed, voice=voice)
             except Exception as exc:  # noqa: BLE001 — ServiceBusy: 503; ConfigError: 400
                 raise errors.to_api_error(exc, self.state.settings.retry_after_s) from None
         except errors.APIError as exc:
             self.refused(exc)
             raise
-        self.stream, self.chars = stream, 0
+        self.stream, self.chars, self.blank = stream, 0, True
         self.pump = asyncio.create_task(self.run(stream))
 
     async def run(self, stream: SpeechStream) -> None:

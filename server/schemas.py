@@ -32,8 +32,9 @@ class SpeechOptions(BaseModel):
 
     model: str | None = Field(None, max_length=256, description="tts-1, tts-1-hd, spectts or the "
                                                                "voice bundle's name; default: spectts")
-    voice: str | None = Field(None, max_length=256, description="the bundle's voice name or an "
-                                                               "OpenAI voice name (an alias)")
+    voice: str | None = Field(None, max_length=256, description="a speaker of the voice (GET "
+                              "/v1/audio/voices) or an OpenAI voice name (an alias of the "
+                              "default speaker)")
     speed: float = Field(1.0, ge=0.25, le=4.0, description="speaking rate; 2.0 is twice as fast")
     decoding: Literal[DECODINGS] | None = Field(None, description="default: the server's")
     accept: Literal[ACCEPTS] | None = Field(None, description="default: the server's")
@@ -45,6 +46,8 @@ class SpeechOptions(BaseModel):
     temperature: float | None = Field(None, ge=0, le=10, description="0: greedy")
     top_k: int | None = Field(None, ge=0, le=1_000_000, description="0: off")
     top_p: float | None = Field(None, gt=0, le=1, description="1: off")
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="> 1 discourages "
+                                             "recent tokens; default: the voice's (1: off)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed")
 
 

@@ -69,9 +69,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from engine.orpheus_tts import preflight
     from server.app import create_app
 
     settings = settings_from_args(args)
+    preflight(settings.bundle, settings.codec, settings.draft)  # ValueError: one line, exit 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,

@@ -41,7 +41,12 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="TCP port (0: any free port)")
 
     # --- model --------------------------------------------------------------------------------
-    bundle: Path = Field(DEFAULT_VOICE, description="voice bundle directory")
+    bundle: Path = Field(DEFAULT_VOICE, description="voice bundle directory, or a Hugging Face "
+                         "checkpoint of a voice family (with codec)")
+    codec: Path | None = Field(None, description="the checkpoint's codec directory (SNAC 24 kHz "
+                               "for Orpheus-family checkpoints); unset: bundle is a voice bundle")
+    draft: Path | None = Field(None, description="a smaller Llama with the checkpoint's vocabulary, "
+                               "for decoding 'draft' (checkpoints served with codec)")
     device: Device = Field("auto", description="where the model runs (auto: CUDA when available)")
     threads: int | None = Field(None, ge=1, description="torch threads; default 1 on CPU")
     max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")
@@ -58,7 +63,9 @@ class Settings(BaseSettings):
     beta: float = _engine_field(GenerationConfig, "beta", ge=0)
     min_ratio: float = _engine_field(GenerationConfig, "min_ratio", ge=0, le=1)
     gamma: int = _engine_field(GenerationConfig, "gamma", ge=1, le=16)
-    temperature: float = _engine_field(SamplingParams, "temperature", ge=0)
+    temperature: float | None = Field(None, ge=0, description=help_of(SamplingParams, "temperature")
+                                      + "; unset: the voice's (greedy for bundles, 0.6 with top_p "
+                                      "0.8 and repetition penalty 1.3 for Orpheus)")
 
     # --- limits -------------------------------------------------------------------------------
     max_input_chars: int = Field(4096, ge=1, description="longest input text, in characters")
@@ -75,11 +82,12 @@ class Settings(BaseSettings):
                                                      "so running streams are not stalled; 0: all")
     row_budget: int = Field(64, ge=0, description="speculative candidate rows per step across "
                                                   "the batch (trees shrink under load); 0: no cap")
-    first_chunk_frames: int = Field(4, ge=1, description="speech frames (20 ms each) in a "
-                                    "sentence's first audio chunk: time to first audio against "
-                                    "the buffer a player starts with; later chunks grow by half "
-                                    "up to chunk_frames")
-    chunk_frames: int = Field(40, ge=1, description="largest audio chunk, in speech frames")
+    first_chunk_frames: int = Field(4, ge=1, description="speech frames (20 ms each; a voice with "
+                                    "longer frames rounds up to its own) in a sentence's first "
+                                    "audio chunk: time to first audio against the buffer a player "
+                                    "starts with; later chunks grow by half up to chunk_frames")
+    chunk_frames: int = Field(40, ge=1, description="largest audio chunk, in speech frames "
+                                                    "(20 ms each)")
     capacity_margin: float = Field(CAPACITY_MARGIN, ge=1.0, description="admission control: admit streams "
                                    "while each would be generated this much faster than real time")
     switch_interval_s: float = Field(0.0005, gt=0, description="Python's thread switch interval "
@@ -99,9 +107,10 @@ class Settings(BaseSettings):
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 (at capacity)")
 
     # --- access -------------------------------------------------------------------------------
-    api_key: SecretStr | None = Field(None, description="when set, every route but /health and "
-                                      "/ready needs 'Authorization: Bearer KEY' (prefer the "
-                                      "environment: flags show in the process list)")
+    api_key: SecretStr | None = Field(None, description="when set, every route but /health, "
+                                      "/ready and the playground's static files needs "
+                                      "'Authorization: Bearer KEY' (prefer the environment: flags "
+                                      "show in the process list)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="server log level")
 

@@ -12,7 +12,6 @@ from fastapi.requests import HTTPConnection
 from starlette.requests import Request
 
 from engine.decoding.autotune import auto_config
-from engine.decoding.sampling import SamplingParams
 from engine.serving.service import TTSService
 from engine.serving.stream import SpeechStream
 from engine.tts import TextToSpeech
@@ -33,11 +32,13 @@ def default_config(settings: Settings, tts: TextToSpeech) -> GenerationConfig:
     """The server's decoding defaults. Decoding "auto": the fastest decoding (and heads tree) on this
     machine, measured on CALIBRATION_TEXT (`engine.decoding.autotune`; a few seconds)."""
     auto = settings.decoding == "auto"
+    sampling = tts.sampling_defaults  # the voice family's
+    if settings.temperature is not None:
+        sampling = replace(sampling, temperature=settings.temperature)
     cfg = GenerationConfig(max_new_tokens=MAX_NEW_TOKENS,
                            decoding="plain" if auto else settings.decoding, accept=settings.accept,
                            tau=settings.tau, beta=settings.beta, gamma=settings.gamma,
-                           min_ratio=settings.min_ratio,
-                           sampling=SamplingParams(temperature=settings.temperature))
+                           min_ratio=settings.min_ratio, sampling=sampling)
     if auto:
         cfg, measured = auto_config(tts, CALIBRATION_TEXT, cfg)
         log.info("decoding auto: %s (%s)", describe(cfg, tts),
@@ -88,28 +89,42 @@ class ServerState:
         return list(dict.fromkeys([*MODEL_ALIASES, self.voice]))
 
     def voice_ids(self) -> list[str]:
-        return [self.voice, *OPENAI_VOICES]
+        """The voice's speakers, then OpenAI's names (aliases of the default speaker)."""
+        speakers = list(self.service.tts.voices) if self.service else [self.voice]
+        return list(dict.fromkeys([*speakers, *OPENAI_VOICES]))
+
+    def speaker(self, voice: str | None) -> str | None:
+        """A request's voice -> the speaker to use (None: the default); APIError 400 listing the
+        speakers for an unknown one."""
+        if voice is None or voice in OPENAI_VOICES:
+            return None
+        speakers = self.service.tts.voices
+        if voice not in speakers:
+            raise errors.bad_request(f"unknown voice {voice!r}; this server speaks with "
+                                     f"{', '.join(speakers)} (OpenAI's voice names are aliases of "
+                                     f"{self.service.tts.default_voice!r})", "unknown_voice",
+                                     "voice")
+        return voice
 
     # --- requests ------------------------------------------------------------------------------
-    def resolve(self, opts: SpeechOptions) -> tuple[GenerationConfig, float]:
-        """The request's GenerationConfig and speed; APIError 400 for unknown names. The engine
-        checks the config once, when the request opens (`TTSService.open`: ConfigError -> 400
-        naming the field)."""
+    def resolve(self, opts: SpeechOptions) -> tuple[GenerationConfig, float, str | None]:
+        """The request's GenerationConfig, speed and speaker (`speaker`); APIError 400 for unknown
+        names. The engine checks the config once, when the request opens (`TTSService.open`:
+        ConfigError -> 400 naming the field)."""
         self.require()
         if opts.model is not None and opts.model not in self.model_ids:
             raise errors.bad_request(f"unknown model {opts.model!r}; this server has "
                                      f"{', '.join(self.model_ids)}", "unknown_model", "model")
-        if opts.voice is not None and opts.voice not in self.voice_ids():
-            raise errors.bad_request(f"unknown voice {opts.voice!r}; this server speaks with "
-                                     f"{self.voice!r} (OpenAI's voice names are aliases of it)",
-                                     "unknown_voice", "voice")
+        voice = self.speaker(opts.voice)
         cfg = self.default_cfg
-        sampling = {k: getattr(opts, k) for k in ("temperature", "top_k", "top_p")
+        sampling = {k: getattr(opts, k) for k in ("temperature", "top_k", "top_p",
+                                                   "repetition_penalty")
                     if getattr(opts, k) is not None}
         decoding = {k: getattr(opts, k) for k in ("decoding", "accept", "tau", "beta", "min_ratio",
                                                    "gamma", "seed")
                     if getattr(opts, k) is not None}
-        return replace(cfg, sampling=replace(cfg.sampling, **sampling), **decoding), opts.speed
+        return (replace(cfg, sampling=replace(cfg.sampling, **sampling), **decoding), opts.speed,
+                voice)
 
     def check_input(self, text: str) -> str:
         if not text.strip():
@@ -126,14 +141,14 @@ def get_state(conn: HTTPConnection) -> ServerState:
     return conn.app.state.spectts
 
 
-async def start_speech(state: ServerState, text: str, cfg: GenerationConfig, speed: float
-                       ) -> SpeechStream:
+async def start_speech(state: ServerState, text: str, cfg: GenerationConfig, speed: float,
+                       voice: str | None = None) -> SpeechStream:
     """service.speak in a worker thread (phonemising takes milliseconds: never on the event loop).
     APIError 400 for unspeakable text, 503 when the queue is full."""
     service = state.require()
     loop = asyncio.get_running_loop()
     try:
-        return await asyncio.to_thread(service.speak, text, cfg, speed, loop)
+        return await asyncio.to_thread(service.speak, text, cfg, speed, loop, voice)
     except ConfigError as exc:  # the engine cannot run this config (checked once, here)
         raise errors.to_api_error(exc) from None
     except ValueError as exc:

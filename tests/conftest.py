@@ -18,6 +18,25 @@ def small_bundle():
 
 
 @pytest.fixture(scope="session")
+def orpheus_dirs(tmp_path_factory):
+    """(checkpoint, codec, draft) directories of a random Orpheus-layout model as a download lays
+    them out (`models.voices.random_orpheus`); the draft is the target's first layer."""
+    pytest.importorskip("snac")
+    pytest.importorskip("tokenizers")
+    from models.voices.bundle import draft_from_target
+    from models.voices.random_orpheus import (build_random_codec, random_orpheus_model,
+                                              save_checkpoint)
+
+    root = tmp_path_factory.mktemp("orpheus")
+    target = random_orpheus_model(seed=0)
+    ckpt = save_checkpoint(target, root / "orpheus-tiny-ft")
+    codec = build_random_codec(root / "snac_24khz")
+    draft = save_checkpoint(draft_from_target(target, 1), root / "draft", shards=1,
+                            tokenizer=False)
+    return ckpt, codec, draft
+
+
+@pytest.fixture(scope="session")
 def tiny_voice(tmp_path_factory):
     """A complete voice bundle with random weights (LM, draft heads, draft model, tiny vocoder,
     phonemes): everything a TextToSpeech needs, in seconds. Needs libespeak-ng."""

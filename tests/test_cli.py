@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from engine.decoding.engine import Engine
+from engine.decoding.sampling import SamplingParams
 from engine.types import GenerationConfig
 from models.voices.bundle import save_bundle
 from server.cli import main
@@ -90,22 +91,24 @@ def test_serve_help_states_the_settings_defaults(capsys, monkeypatch):
             continue
         assert stated.get(flag) == str(info.default), (flag, stated.get(flag), info.default)
     for flag in ("--beta", "--capacity-margin", "--max-queue-wait", "--request-timeout",
-                 "--tau", "--min-ratio", "--gamma", "--temperature", "--max-batch"):
+                 "--tau", "--min-ratio", "--gamma", "--max-batch"):
         assert flag in stated
+    # unset, the temperature is the voice's (Orpheus samples): the help says so, states no number
+    assert "--temperature" not in stated
 
 
 @pytest.mark.parametrize("command", ["generate", "synth"])
 def test_generation_flags_state_the_engine_defaults(command, capsys, monkeypatch):
-    from engine.decoding.sampling import SamplingParams
 
     stated = _help_defaults([command], capsys, monkeypatch)
+    sampling = ("temperature", "top_k", "top_p", "repetition_penalty", "repetition_window")
     engine_defaults = {**{f: getattr(GenerationConfig(), f) for f in
                           ("decoding", "accept", "tau", "beta", "min_ratio", "gamma")},
-                       **{f: getattr(SamplingParams(), f) for f in
-                          ("temperature", "top_k", "top_p", "repetition_penalty",
-                           "repetition_window")}}
+                       **{f: getattr(SamplingParams(), f) for f in sampling}}
     for name, value in engine_defaults.items():
-        assert stated["--" + name.replace("_", "-")] == str(value)
+        # synth samples as the voice does unless told (`generation_config`'s `sampling`)
+        expected = "the voice's" if command == "synth" and name in sampling else str(value)
+        assert stated["--" + name.replace("_", "-")] == expected
     max_new = stated["--max-new-tokens"]
     assert max_new == (str(GenerationConfig().max_new_tokens) if command == "generate"
                        else str(10**6))
@@ -118,3 +121,8 @@ def test_synth_flags_reach_the_engine_config():
     cfg = generation_config(args)
     assert (cfg.beta, cfg.sampling.top_k, cfg.max_new_tokens) == (0.3, 5, 10**6)
     assert cfg.tau == GenerationConfig().tau
+    assert cfg.sampling.temperature == SamplingParams().temperature  # unset: the engine's
+    # a voice's sampling defaults fill the flags left unset; given flags win
+    voice = SamplingParams(temperature=0.6, top_p=0.8, repetition_penalty=1.3)
+    cfg = generation_config(args, voice)
+    assert (cfg.sampling.temperature, cfg.sampling.top_p, cfg.sampling.top_k) == (0.6, 0.8, 5)

@@ -168,7 +168,7 @@ def test_streamed_wav_is_one_container_equal_to_the_file(client):
     assert body.count(b"RIFF") == 1 and body.count(b"WAVE") == 1 and body.count(b"fmt ") == 1
     assert struct.unpack("<I", body[4:8])[0] == 0xFFFFFFFF  # unknown length, as OpenAI's stream
     assert struct.unpack("<I", body[40:44])[0] == 0xFFFFFFFF
-    # equal to float rounding: audio chunks follow the listener's buffer (TTSService.chunk_size)
+    # equal to float rounding: audio chunks follow the listener's buffer (ChunkSizes.size)
     assert_same_audio(np.frombuffer(body[44:], "<i2"), samples(whole))
     assert_same_audio(samples(body), samples(whole))  # libsndfile reads the stream too
 

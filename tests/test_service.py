@@ -237,3 +237,21 @@ def test_words_split_across_pieces_stay_apart(tts):
 
     first, rest = asyncio.run(main())
     assert first == ["One."] and rest == ["Two three four."]
+
+
+@pytest.mark.parametrize("sample_rate, hop", [(24000, 480), (16000, 320), (24000, 2048)])
+def test_chunk_sizes_cover_their_20ms_units_in_the_voices_frames(sample_rate, hop):
+    """Chunk sizes are set in 20 ms units: a voice with 20 ms frames keeps them as they are, one
+    with longer frames (SNAC's 2048 samples at 24 kHz) takes the fewest whole frames that cover as
+    much audio."""
+    from engine.serving.chunker import ChunkSizes
+
+    for units in (1, 4, 7, 40):
+        sizes = ChunkSizes.for_voice(units, units, hop, sample_rate, lookahead_samples=hop)
+        frame_s = hop / sample_rate
+        assert sizes.frame_s == frame_s and sizes.lookahead_frames == 1
+        frames = sizes.first_chunk_frames
+        assert frames * frame_s >= units * 0.02 - 1e-9  # covers the audio asked for
+        assert frames == 1 or (frames - 1) * frame_s < units * 0.02  # with no frame to spare
+        if hop * 50 == sample_rate:
+            assert frames == units

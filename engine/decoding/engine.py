@@ -35,10 +35,13 @@ def resolve_device(device: str) -> torch.device:
 
 class Engine:
     def __init__(self, bundle: Bundle, max_batch: int = 8, max_len: int = 2048,
-                 prefix_blocks: int = 0, prefix_block: int = 16, runner: str = "auto") -> None:
+                 prefix_blocks: int = 0, prefix_block: int = 16, runner: str = "auto",
+                 stop_tokens: tuple[int, ...] = ()) -> None:
         """prefix_blocks > 0: keep that many blocks of `prefix_block` prompt tokens for reuse.
         runner: how the networks' forwards execute (`models.runners`: "auto", "torch",
-        "compiled-cpu"), chosen here once; `self.runner` says which."""
+        "compiled-cpu"), chosen here once; `self.runner` says which.
+        stop_tokens: end-of-sequence ids besides the config's and the bundle's (a voice family's
+        end of speech)."""
         self.bundle = bundle
         self.target, self.draft, self.heads = bundle.target, bundle.draft, bundle.heads
         self.runner = runners.resolve(runner, self.target)
@@ -61,7 +64,7 @@ class Engine:
             d = self.draft.config
             self.draft_cache = KVCache(d.num_hidden_layers, max_batch, d.num_key_value_heads,
                                        max_len, d.head_dim, dtype, self.device)
-        eos = set(cfg.eos_token_id)
+        eos = set(cfg.eos_token_id) | set(stop_tokens)
         if bundle.tokens is not None:
             eos.add(bundle.tokens.eos)
         self.eos = frozenset(eos)

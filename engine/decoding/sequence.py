@@ -65,6 +65,7 @@ class Sequence:
 
     def finish(self, reason: str) -> None:
         self.finish_reason = reason
+        self.stats.truncated = int(reason in ("length", "cache"))
         self.stats.gen_seconds = time.perf_counter() - self.started
 
     def result(self) -> GenerationResult:

@@ -27,7 +27,6 @@ from engine.serving.deadlines import Policy
 from engine.serving.stream import Event, EventKind, SpeechStream
 from engine.tts import TextToSpeech
 from engine.types import GenerationConfig
-from models.voices import interleaved
 
 log = logging.getLogger("spectts.service")
 
@@ -45,10 +44,8 @@ class TTSService:
         row_budget: see `engine.decoding.plan`; capacity_margin: see `Capacity`."""
         self.tts = tts
         self.max_active = tts.engine.cache.max_batch
-        hop = tts.vocoder.cfg.hop
-        self.chunk_sizes = ChunkSizes(first_chunk_frames, chunk_frames,
-                                      lookahead_frames=-(-tts.vocoder.cfg.overlap_samples // hop),
-                                      frame_s=hop / tts.sample_rate)
+        self.chunk_sizes = ChunkSizes.for_voice(first_chunk_frames, chunk_frames, tts.hop,
+                                                tts.sample_rate, tts.lookahead_samples)
         self.policy, self.prefill_chunk, self.row_budget = policy, prefill_chunk, row_budget
         self.capacity = Capacity(capacity_margin)
         self._waiting: queue.Queue[SpeechStream] = queue.Queue(maxsize=queue_size)
@@ -91,12 +88,14 @@ class TTSService:
                                   waiting=self.waiting, capacity=self.capacity.streams())
 
     def open(self, cfg: GenerationConfig, speed: float = 1.0,
-             loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
-        """A new request whose text follows (`add_text`, `end_input`). ConfigError for a config the
-        engine cannot run; ServiceBusy when the queue is full or the running streams cannot take
-        more (`overloaded`)."""
+             loop: asyncio.AbstractEventLoop | None = None, voice: str | None = None
+             ) -> SpeechStream:
+        """A new request whose text follows (`add_text`, `end_input`); `voice`: the speaker (None:
+        the voice's default). ConfigError for a config the engine cannot run; ServiceBusy when the
+        queue is full or the running streams cannot take more (`overloaded`)."""
         self._admit(cfg)
-        return self._enqueue(SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop()))
+        return self._enqueue(SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop(),
+                                          voice))
 
     def _admit(self, cfg: GenerationConfig) -> None:
         """The request's one validation and the admission check, before any work is done for it."""
@@ -122,7 +121,7 @@ class TTSService:
             results = self.tts.engine.generate_batch(
                 [plan.prompt] * n, [gen_cfg] * n, [self.tts.rule(plan) for _ in range(n)],
                 self.prefill_chunk, self.row_budget)
-            audio = sum(len(self.tts.vocode(interleaved.speech_tokens(self.tts.layout, r.tokens)))
+            audio = sum(len(self.tts.vocode(self.tts.take_frames(r.tokens, 0)[0]))
                         for r in results) / self.tts.sample_rate
             seconds = time.perf_counter() - start
             steps = max(r.stats.target_forwards for r in results)  # same prompts: one per step
@@ -131,15 +130,13 @@ class TTSService:
 
     # --- the engine thread --------------------------------------------------------------------
     def _run(self) -> None:
-        from models.vocoder import StreamingVocoder
-
         while not self._stop:
             while len(self._active) < self.max_active and not self._waiting.empty():
                 stream = self._waiting.get_nowait()
                 if stream.cancelled:  # left while waiting: never takes a slot
                     self._close(stream, Event(EventKind.CANCELLED, stats=stream.summary()))
                     continue
-                stream.vocoder = StreamingVocoder(self.tts.vocoder)
+                stream.vocoder = self.tts.stream_decoder()
                 self._active.append(stream)
             for stream in list(self._active):
                 self._advance_input(stream)
@@ -172,7 +169,7 @@ class TTSService:
                 return
             sentences, final = stream.take_sentences()
             for text in sentences:
-                stream.queued.extend(self.tts.plan(text))
+                stream.queued.extend(self.tts.plan(text, voice=stream.voice))
             if stream.queued:
                 plan = stream.queued.pop(0)
                 cfg = self.tts.generation_config(plan, stream.cfg)
@@ -204,8 +201,6 @@ class TTSService:
         """Vocode what each stream's current sentence has accepted, every push of the step in one
         batched vocoder pass (`push_many`); finish sentences whose sequence has ended. Returns the
         seconds of audio the step decoded (vocoded now or later)."""
-        from models.vocoder import push_many
-
         decoded, pushes = 0.0, {}  # stream -> frames to vocode now
         for stream in streams:
             try:
@@ -216,7 +211,8 @@ class TTSService:
             except Exception as exc:  # noqa: BLE001
                 self._fail(stream, exc, "request failed while vocoding")
         try:
-            audio = dict(zip(pushes, push_many([s.vocoder for s in pushes], list(pushes.values()))))
+            audio = dict(zip(pushes, self.tts.push_many([s.vocoder for s in pushes],
+                                                         list(pushes.values()))))
         except Exception as exc:  # noqa: BLE001 — not a request's fault (its tokens are the
             # model's own): the streams of this pass fail, the others and the loop go on
             for stream in pushes:
@@ -234,7 +230,7 @@ class TTSService:
         """The current sentence's seconds of newly decoded audio and the frames to vocode now."""
         playback = stream.playback
         buffered = playback.slack(time.perf_counter()) if playback.started else None
-        new, frames = stream.current.take(self.tts.layout, stream.speed, self.chunk_sizes, buffered)
+        new, frames = stream.current.take(self.tts.take_frames, stream.speed, self.chunk_sizes, buffered)
         return new * self.chunk_sizes.frame_s, frames
 
     def _deliver(self, stream: SpeechStream, audio: np.ndarray | None) -> None:
@@ -271,10 +267,11 @@ class TTSService:
 
     # --- convenience --------------------------------------------------------------------------
     def speak(self, text: str, cfg: GenerationConfig, speed: float = 1.0,
-              loop: asyncio.AbstractEventLoop | None = None) -> SpeechStream:
+              loop: asyncio.AbstractEventLoop | None = None, voice: str | None = None
+              ) -> SpeechStream:
         """A whole-text request, phonemised once, here (ValueError now for unspeakable text)."""
         self._admit(cfg)  # before phonemising: refusals stay cheap
-        stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop())
-        stream.queued.extend(self.tts.plan(text))  # the engine thread starts them in order
+        stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop(), voice)
+        stream.queued.extend(self.tts.plan(text, voice=voice))  # the engine thread starts them in order
         stream.end_input()
         return self._enqueue(stream)

@@ -54,8 +54,9 @@ class SpeechStream:
     """One request. Async side: `events()`; any thread: `add_text`, `end_input`, `cancel`."""
 
     def __init__(self, service: TTSService, cfg: GenerationConfig, speed: float,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop, voice: str | None = None) -> None:
         self.service, self.cfg, self.speed, self.loop = service, cfg, speed, loop
+        self.voice = voice  # the speaker, for voices with several (None: the default)
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._lock = threading.Lock()
         self._text = ""  # received, not yet split into sentences
@@ -70,7 +71,7 @@ class SpeechStream:
         self.sentences_started = 0
         self.current: SentenceAudio | None = None  # the sentence being decoded
         self.queued: list[SentencePlan] = []  # split, phonemised, not started
-        self.vocoder = None  # StreamingVocoder, created in the engine thread
+        self.vocoder = None  # the voice's streaming decoder, created in the engine thread
 
     # --- client side --------------------------------------------------------------------------
     def add_text(self, text: str) -> None:

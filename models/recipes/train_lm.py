@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -39,6 +40,14 @@ def load_split(data: Path, split: str) -> list[tuple[np.ndarray, np.ndarray]]:
             out.append(training_sequence(ph[po[i]:po[i + 1]], du[po[i]:po[i + 1]],
                                          tok[to[i]:to[i + 1]]))
     return out
+
+
+def num_speech_tokens(data: Path) -> int:
+    """The tokenizer's size: a learned codec's (tokenizer.json) or the k-means codebook's."""
+    learned = data / "tokenizer.json"
+    if learned.exists():
+        return int(json.loads(learned.read_text())["num_codes"])
+    return int(np.load(data / "codebook.npy").shape[0])
 
 
 def batches(seqs: list[tuple[np.ndarray, np.ndarray]], max_tokens: int, rng: np.random.Generator
@@ -70,12 +79,17 @@ def collate(seqs, idx: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.to(device), mask.to(device)
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict
-                    ) -> None:
-    """Model, optimiser and progress to `path`, atomically (a killed run leaves the previous one)."""
+def save_checkpoint(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, state: dict,
+                    mirror: Path | None = None) -> None:
+    """Model, optimiser and progress to `path`, atomically (a killed run leaves the previous one),
+    and the same file into `mirror` (a copy outside the work tree) when given."""
     tmp = path.with_suffix(".tmp")
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "state": state}, tmp)
     tmp.rename(path)
+    if mirror is not None:
+        mirror.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, mirror / "last.tmp")
+        (mirror / "last.tmp").rename(mirror / path.name)
 
 
 def bf16_is_fast(device: torch.device) -> bool:
@@ -142,9 +156,12 @@ def main() -> None:
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--save-every-minutes", type=float, default=4.0)
     ap.add_argument("--export", type=Path, default=None, help="write the model here and exit")
+    ap.add_argument("--mirror", type=Path, default=None, help="a copy of each checkpoint goes here")
     ap.add_argument("--init-from", type=Path, default=None,
                     help="without a checkpoint, start from these weights (a HF Llama dir)")
     ap.add_argument("--init-step", type=int, default=0, help="with --init-from: schedule step")
+    ap.add_argument("--model", type=json.loads, default={},
+                    help='LlamaConfig overrides of MODEL for a fresh run, e.g. \'{"hidden_size": 512}\'')
     ap.add_argument("--no-bf16", dest="bf16", action="store_false", default=None,
                     help="train in float32 (default: bfloat16 autocast where it is fast: CUDA, "
                          "AVX-512 CPUs, ~1.5x)")
@@ -152,24 +169,24 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     args.bf16 = bf16_is_fast(device) if args.bf16 is None else args.bf16
-    num_speech = int(np.load(args.data / "codebook.npy").shape[0])
-    cfg = LlamaConfig(vocab_size=vocab_size(num_speech), **MODEL)
+    last = args.ckpt / "last.pt"
+    ck = torch.load(last, map_location=device, weights_only=True) if last.exists() else None
+    shape = (ck["state"].get("model") if ck else None) or {**MODEL, **args.model}  # a resume keeps its shape
+    cfg = LlamaConfig(vocab_size=vocab_size(num_speech_tokens(args.data)), **shape)
     model = LlamaForCausalLM(cfg)
     init_weights(model, std=0.02, seed=0)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.05)
-    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seconds": 0.0}
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "seconds": 0.0, "model": shape}
     args.ckpt.mkdir(parents=True, exist_ok=True)
-    last = args.ckpt / "last.pt"
     if not last.exists() and args.init_from:  # e.g. the shipped voice's weights on a bare machine
         model.load_state_dict(LlamaForCausalLM.from_pretrained(args.init_from, device).state_dict())
         state["step"] = args.init_step
         print(f"initialised from {args.init_from}, schedule at step {args.init_step}")
-    if last.exists():
-        ck = torch.load(last, map_location=device, weights_only=True)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        state = ck["state"]
+        state = {"model": shape, **ck["state"]}
         print(f"resumed at step {state['step']} (epoch {state['epoch']}, "
               f"{state['seconds'] / 3600:.2f} h trained)")
     if args.export:
@@ -212,7 +229,7 @@ def main() -> None:
                 tqdm.write(f"step {state['step']}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             now = time.time()
             if now - saved_at > args.save_every_minutes * 60:
-                save_checkpoint(last, model, opt, state)
+                save_checkpoint(last, model, opt, state, args.mirror)
                 saved_at = now
             if now - start > args.minutes * 60 or state["step"] >= args.total_steps:
                 done = True
@@ -220,7 +237,7 @@ def main() -> None:
         else:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
-    save_checkpoint(last, model, opt, state)
+    save_checkpoint(last, model, opt, state, args.mirror)
     print(f"stopped at step {state['step']}, epoch {state['epoch']}: {evaluate(model, valid, device)}")
 
 

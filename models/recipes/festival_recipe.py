@@ -1,0 +1,84 @@
+"""The natural voices, taught by Festival's SLT HTS voice, rebuilt by one resumable command:
+
+    .venv/bin/python -m models.recipes.festival_recipe [--threads 2] [--data data/festival]
+        [--checkpoints checkpoints/festival] [--mirror DIR] [--until STAGE]
+
+Stages (each skips what is done; training stages resume from their last checkpoint, so stop it at
+any time and run the same command again):
+  1. prepare     corpus (50k sentences, evaluation sentences excluded; the first 26k spoken)
+                 -> Festival audio, phone timings, log-mel, in shards of 1000 (~1.2 h each)
+  2. codec       FSQ tokenizer + causal Vocos, spectral losses, until the tokenizer is frozen
+  3. tokenizer   export the tokenizer (encoder) and the vocoder at that point
+  4. tokenize    the tokenizer's codes into every shard
+  5. lm          `tts-1`'s interleaved speech LM on phones + codes
+  6. codec-gan   the vocoder against the MPD / MRD discriminators (tokenizer frozen)
+`--mirror DIR` keeps a copy of every checkpoint outside the work tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TTS1_LM = '{"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6}'
+
+
+def run(stage: str, args: list[str], threads: int) -> None:
+    start = time.time()
+    print(f"== {stage}: {' '.join(args)}", flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    subprocess.run([sys.executable, "-m", *args], check=True, env=env)
+    print(f"== {stage} took {(time.time() - start) / 60:.1f} min", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--data", type=Path, default=Path("data/festival"))
+    ap.add_argument("--checkpoints", type=Path, default=Path("checkpoints/festival"))
+    ap.add_argument("--mirror", default="", help="a copy of each checkpoint goes here")
+    ap.add_argument("--shards", type=int, default=26, help="corpus shards: 1 valid + 25 train (~31 h)")
+    ap.add_argument("--codec-steps", type=int, default=20000)
+    ap.add_argument("--codec-freeze", type=int, default=6000, help="tokenizer frozen from this step")
+    ap.add_argument("--lm-steps", type=int, default=30000)
+    ap.add_argument("--until", default="codec-gan", help="stop after this stage")
+    args = ap.parse_args(argv)
+    data, ck, t = args.data, args.checkpoints, str(args.threads)
+    forever = ["--minutes", "100000"]
+    codec = ["models.recipes.train_codec", "--data", str(data), "--ckpt", str(ck / "codec"),
+             "--threads", t, "--device", args.device, "--total-steps", str(args.codec_steps),
+             "--gan-start", str(args.codec_freeze)]
+    if args.mirror:
+        codec += ["--mirror", str(Path(args.mirror) / "codec")]
+    lm_mirror = ["--mirror", str(Path(args.mirror) / "lm")] if args.mirror else []
+    tokenizer = ck / "codec" / "frozen"
+    stages = [
+        ("prepare", ["models.recipes.festival_prepare", "--out", str(data), "--workers", t,
+                     "--limit", str(args.shards)], False),  # resumes by itself
+        ("codec", [*codec, "--stop-at", str(args.codec_freeze), *forever],
+         (tokenizer / "encoder").exists()),
+        ("tokenizer", ["models.recipes.train_codec", "--ckpt", str(ck / "codec"), "--export",
+                       str(tokenizer)], (tokenizer / "encoder").exists()),
+        ("tokenize", ["models.recipes.train_codec", "--data", str(data), "--threads", t,
+                      "--tokenize", str(tokenizer / "encoder")], False),  # skips tokenised shards
+        ("lm", ["models.recipes.train_lm", "--data", str(data), "--ckpt", str(ck / "lm"),
+                "--threads", t, "--device", args.device, "--total-steps", str(args.lm_steps),
+                "--model", TTS1_LM, *lm_mirror, *forever], False),
+        ("codec-gan", [*codec, *forever], False),
+    ]
+    for name, cmd, done in stages:
+        if done:
+            print(f"== {name}: done already", flush=True)
+        else:
+            run(name, cmd, args.threads)
+        if name == args.until:
+            break
+
+
+if __name__ == "__main__":
+    main()
