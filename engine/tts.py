@@ -1,9 +1,10 @@
 """Text to speech with a voice bundle: frontend -> interleaved speech LM (the engine) -> vocoder.
 
-Text is split into sentences; each sentence is normalised, phonemised by espeak-ng, decoded by the
-engine under the interleaved rule (phonemes forced; the model decides the speech frames, and where each
-phoneme ends unless espeak-ng's durations are forced: `phoneme_durations="frontend"`), and its speech
-tokens are vocoded. Sentences are independent, so long text streams sentence by sentence.
+Text is split into sentences; each sentence is phonemised by the bundle's frontend (Festival or
+espeak-ng, `models.voices.phonemizer`), decoded by the engine under the interleaved rule (phonemes
+forced; the model decides the speech frames, and where each phoneme ends unless the frontend's
+durations are forced: `phoneme_durations="frontend"`), and its speech tokens are vocoded. Sentences
+are independent, so long text streams sentence by sentence.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from engine.decoding.sampling import SamplingParams
 from engine.types import GenerationConfig, GenerationStats
 from models.voices import interleaved
 from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS, load_bundle
+from models.voices.phonemizer import make_phonemizer
 
 
 @dataclass
@@ -78,7 +80,7 @@ class TextToSpeech:
         bundle's setting, else "model".
         runner: how the networks' forwards run (`models.runners`), chosen once here."""
         from models.vocoder import CausalVocos
-        from models.voices.frontend import Espeak, PhonemeVocab, PristineEspeak
+        from models.voices.frontend import PhonemeVocab
 
         dev = resolve_device(device)
         bundle = load_bundle(bundle_path, dev)
@@ -96,11 +98,9 @@ class TextToSpeech:
         if self.phoneme_durations not in PHONEME_DURATIONS:
             raise ValueError(f"phoneme_durations must be one of {PHONEME_DURATIONS}, "
                              f"not {self.phoneme_durations!r}")
-        self.hop = self.vocoder.cfg.hop  # espeak-ng and the vocoder share the sample rate
-        # forced durations must depend on the text alone, not on what espeak-ng spoke before
-        self.espeak = (PristineEspeak if self.phoneme_durations == "frontend" else Espeak)(
-            front.get("voice", "en-us"))
-        self.espeak.synthesize("")  # fail (or start PristineEspeak's helper) now, not on a request
+        self.hop = self.vocoder.cfg.hop  # the frontend's frames are the vocoder's
+        self.phonemizer = make_phonemizer(front, self.hop, self.sample_rate,
+                                          forced=self.phoneme_durations == "frontend")
         self.name = bundle.raw.get("name", Path(bundle_path).name)
         self.voices = (self.name,)  # one speaker
         self.default_voice = self.name
@@ -119,19 +119,17 @@ class TextToSpeech:
              ) -> list[SentencePlan]:
         """Split and phonemise; ValueError when nothing speakable is left. `voice`: the bundle has
         one (callers map names to it)."""
-        from models.voices.frontend import normalize, split_sentences
+        from models.voices.frontend import split_sentences
 
         if not text or not text.strip():
             raise ValueError("the input text is empty")
         plans = []
         for sentence in split_sentences(text, max_chars=max_chars):
-            utt = self.espeak.synthesize(normalize(sentence))
-            ids = self.phoneme_vocab.to_ids(utt.phonemes)
-            durations = (utt.frame_durations(self.hop).tolist()
-                         if self.phoneme_durations == "frontend" else None)
-            if any(n not in ("_", "_:", "_!", "_|") for n in utt.phonemes):  # besides pauses
+            phones = self.phonemizer.phonemize(sentence)
+            if phones.speakable(self.phonemizer.pauses):
+                ids = self.phoneme_vocab.to_ids(phones.names)
                 plans.append(SentencePlan(sentence, interleaved.prompt_ids(self.layout, ids), ids,
-                                          durations))
+                                          phones.frames))
         if not plans:
             raise ValueError("the input text has nothing speakable after normalisation")
         return plans

@@ -67,3 +67,34 @@ def test_a_killed_process_is_restarted():
         f._proc.kill()
         f._proc.wait()
         assert f.phones("Two.").phones[-1] == "pau"
+
+
+def test_a_festival_voice_speaks_through_text_to_speech(tmp_path):
+    from engine.tts import TextToSpeech
+    from engine.types import GenerationConfig
+    from models.recipes.random_voice import build_random_voice
+
+    tts = TextToSpeech(build_random_voice(tmp_path / "v", frontend="festival"))
+    plans = tts.plan("Is it ready? Yes, at 6:15.")
+    assert len(plans) == 2
+    names = tts.phoneme_vocab.from_ids(plans[0].phonemes)
+    assert names[-1] == "pau?" and plans[0].durations is None  # the LM ends its phones
+    speech = tts.synthesize("Hello there.", GenerationConfig(max_new_tokens=10**6))
+    assert speech.sample_rate == 22050 and len(speech.audio) > 0
+    for text in ("", "   ", "☃☃", "\x07"):
+        with pytest.raises(ValueError):
+            tts.plan(text)
+
+
+def test_a_hung_frontend_fails_that_request_only(tmp_path):
+    from engine.tts import TextToSpeech
+    from models.recipes.random_voice import build_random_voice
+
+    tts = TextToSpeech(build_random_voice(tmp_path / "v", frontend="festival"))
+    tts.phonemizer.festival.timeout_s = 1.0
+    real = tts.phonemizer.festival.phones
+    tts.phonemizer.festival.phones = lambda text: tts.phonemizer.festival._request("(while t nil)")
+    with pytest.raises(ValueError, match="frontend could not read"):
+        tts.plan("This one hangs.")
+    tts.phonemizer.festival.phones = real
+    assert tts.plan("The next one is fine.")
