@@ -5,6 +5,10 @@
 Reads checkpoints/lm/export (target), checkpoints/drafts/heads_export (draft heads + measured
 accuracies), checkpoints/drafts/draft_export (draft model), checkpoints/vocoder/export (vocoder),
 data/voice (codebook, phoneme durations for the per-phoneme frame cap).
+
+A voice taught by Festival (`--frontend festival`, data/festival) has a learned tokenizer instead of
+a k-means codebook: `--encoder DIR` (the FSQ mel encoder, `models.codec`) is copied into the bundle
+as its tokenizer, and its phones are `FESTIVAL_PHONES`.
 """
 
 from __future__ import annotations
@@ -19,9 +23,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.llama import LlamaForCausalLM
+from models.recipes.train_lm import num_speech_tokens
 from models.voices import interleaved
 from models.voices.bundle import PHONEME_DURATIONS
-from models.voices.frontend import PhonemeVocab
+from models.voices.festival import FESTIVAL_PHONES
+from models.voices.frontend import EN_US_PHONEMES, PhonemeVocab
 
 STORE = torch.float16
 
@@ -36,7 +42,7 @@ def max_frames_per_phoneme(data: Path) -> int:
 def write_phoneme_tokens(data: Path, out: Path, coverage: float) -> dict:
     """Count which speech tokens each phoneme was spoken with (train shards) into
     OUT/phoneme_tokens.safetensors; returns the bundle entry that points at it."""
-    num_speech = int(np.load(data / "codebook.npy").shape[0])
+    num_speech = num_speech_tokens(data)
     counts = np.zeros((interleaved.PHONEME_SLOTS, num_speech), dtype=np.int64)
     for shard in sorted((data / "shards").glob("train-*.npz")):
         z = np.load(shard)
@@ -61,26 +67,37 @@ def main() -> None:
     ap.add_argument("--phoneme-coverage", type=float, default=0.99,
                     help="each phoneme may only use the speech tokens covering this share of its "
                          "training frames (1: no restriction)")
-    ap.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default="frontend",
-                    help="the voice's default: espeak-ng's phoneme durations forced (frontend), or "
-                         "the LM's end-of-phoneme markers (model)")
+    ap.add_argument("--phoneme-durations", choices=PHONEME_DURATIONS, default=None,
+                    help="the voice's default: the frontend's phoneme durations forced (frontend), or "
+                         "the LM's end-of-phoneme markers (model); default: frontend for espeak-ng, "
+                         "model for Festival (its durations need HTS synthesis)")
+    ap.add_argument("--frontend", choices=["espeak", "festival"], default="espeak")
+    ap.add_argument("--encoder", type=Path, default=None,
+                    help="the learned tokenizer (models.codec.MelEncoder dir) of a Festival voice")
+    ap.add_argument("--name", default=None, help="the bundle's name (default: espeak-en-us / "
+                    "festival-slt)")
     args = ap.parse_args()
 
     out = args.out
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
-    codebook = np.load(args.data / "codebook.npy")
-    layout = interleaved.token_layout(codebook.shape[0])
-    raw: dict = {"format": "spectts-bundle/1", "name": "espeak-en-us",
-                 "description": "SpecTTS default voice, trained here from espeak-ng en-us",
+    festival = args.frontend == "festival"
+    durations = args.phoneme_durations or ("model" if festival else "frontend")
+    layout = interleaved.token_layout(num_speech_tokens(args.data))
+    raw: dict = {"format": "spectts-bundle/1",
+                 "name": args.name or ("festival-slt" if festival else "espeak-en-us"),
+                 "description": ("SpecTTS voice, trained here from Festival's SLT HTS voice" if festival
+                                 else "SpecTTS default voice, trained here from espeak-ng en-us"),
                  "sample_rate": 22050, "target": "target",
                  "tokens": {"phonemes": list(layout.phonemes), "speech": list(layout.speech),
                             "bos": layout.bos, "sep": layout.sep, "eop": layout.eop, "eos": layout.eos},
                  "max_frames_per_phoneme": max_frames_per_phoneme(args.data),
-                 "phoneme_durations": args.phoneme_durations,
-                 "frontend": {"voice": "en-us", "phonemes": "phonemes.json"},
-                 "tokenizer": {"codebook": "tokenizer.safetensors", "frame_rate": 50},
+                 "phoneme_durations": durations,
+                 "frontend": ({"kind": "festival", "phonemes": "phonemes.json"} if festival
+                              else {"voice": "en-us", "phonemes": "phonemes.json"}),
+                 "tokenizer": ({"encoder": "tokenizer", "frame_rate": 50} if festival
+                               else {"codebook": "tokenizer.safetensors", "frame_rate": 50}),
                  "vocoder": "vocoder"}
     LlamaForCausalLM.from_pretrained(args.lm).save_pretrained(out / "target", dtype=STORE)
     if (args.draft / "config.json").exists():
@@ -98,8 +115,14 @@ def main() -> None:
     save_file(half(load_file(str(args.vocoder / "vocoder.safetensors"))),
               str(out / "vocoder" / "vocoder.safetensors"))
     shutil.copy(args.vocoder / "vocoder.json", out / "vocoder" / "vocoder.json")
-    PhonemeVocab().save(out / "phonemes.json")
-    save_file({"centroids": torch.from_numpy(codebook)}, str(out / "tokenizer.safetensors"))
+    PhonemeVocab(FESTIVAL_PHONES if festival else EN_US_PHONEMES).save(out / "phonemes.json")
+    if festival:
+        if args.encoder is None:
+            raise SystemExit("--frontend festival needs --encoder (the learned tokenizer)")
+        shutil.copytree(args.encoder, out / "tokenizer")
+    else:
+        codebook = np.load(args.data / "codebook.npy")
+        save_file({"centroids": torch.from_numpy(codebook)}, str(out / "tokenizer.safetensors"))
     raw["phoneme_tokens"] = write_phoneme_tokens(args.data, out, args.phoneme_coverage)
     (out / "spectts.json").write_text(json.dumps(raw, indent=2) + "\n")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
