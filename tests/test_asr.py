@@ -5,6 +5,7 @@ the server's dependencies and espeak-ng. The Whisper test runs only where the `[
 (faster-whisper and the two Whisper model packages) is installed.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -246,3 +247,34 @@ def test_judge_transcribes_espeak(espeak_ok, judge) -> None:
     hyps = [judge.transcribe(espeak.synthesize(normalize(s)).audio, 22050) for s in sentences]
     assert wer(sentences, hyps) <= 0.25, hyps
     assert judge.transcribe(np.zeros(0, dtype=np.float32), 22050) == ""
+
+
+def test_a_festival_voice_is_judged_against_festival(tmp_path) -> None:
+    """A voice with a Festival frontend and a learned tokenizer: its teacher is Festival, resynthesis
+    goes through the FSQ encoder and the vocoder, durations are measured against Festival's."""
+    from models.codec import EncoderConfig, MelEncoder, fold_into_vocoder
+    from models.recipes.random_voice import build_random_voice
+    from models.recipes.train_codec import Codec
+    from models.vocoder import VocoderConfig
+    from models.voices import festival
+
+    if not festival.available():
+        pytest.skip("Festival not installed")
+    bundle = build_random_voice(tmp_path / "v", frontend="festival")  # 16 speech tokens
+    codec = Codec(EncoderConfig(dim=32, intermediate=64, num_blocks=1, levels=(4, 4)),
+                  VocoderConfig(dim=32, intermediate=64, num_blocks=2))
+    codec.encoder.save(bundle / "tokenizer")
+    fold_into_vocoder(codec.vocoder, codec.embedding).save(bundle / "vocoder")
+    desc = json.loads((bundle / "spectts.json").read_text())
+    desc["tokenizer"] = {"encoder": "tokenizer", "frame_rate": 50}
+    (bundle / "spectts.json").write_text(json.dumps(desc))
+    assert MelEncoder.load(bundle / "tokenizer").num_codes == 16
+
+    systems = parse_systems(None, "plain", teacher="festival")
+    assert systems == ["festival", "resynth", "plain"]
+    report = evaluate(["Hello world."], systems, CannedJudge("hello world"), bundle=bundle,
+                      progress=False, log=lambda _: None)
+    assert report["teacher"] == "festival" and report["systems"]["festival"]["wer"] == 0
+    row = report["per_sentence"][0]
+    assert row["systems"]["resynth"]["seconds"] == pytest.approx(row["festival_seconds"], abs=0.021)
+    assert row["systems"]["plain"]["duration_ratio"] > 0
