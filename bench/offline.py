@@ -58,6 +58,7 @@ def capacities_for_load(args: argparse.Namespace, levels: list[int], modes: list
     mode: min(N, max batch); single: 1), each over the largest level's sentences (the clients speak
     sentences[0 : N * requests per client]), in this process before any server runs."""
     from server.settings import Settings
+    from server.speech import describe
 
     settings = Settings(threads=args.threads, max_batch=args.max_batch, decoding=args.decoding,
                         accept=args.accept, log_level="warning",
@@ -68,6 +69,7 @@ def capacities_for_load(args: argparse.Namespace, levels: list[int], modes: list
     batches |= {1} if "single" in modes else set()
     out = {}
     for b in tqdm(sorted(batches), desc="offline capacity"):
-        out[b] = capacity(tts, cfg, texts, b, settings.prefill_chunk, settings.row_budget)
+        out[b] = {**capacity(tts, cfg, texts, b, settings.prefill_chunk, settings.row_budget),
+                  "default": describe(cfg, tts)}  # "auto" was measured here: may differ a little
     return out
 
