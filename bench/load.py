@@ -9,11 +9,16 @@ with --max-batch 1 (one request at a time, the others queued). Then for each N i
 once; each speaks held-out sentences one session at a time over /v1/audio/speech/stream. A session
 refused at capacity (admission control, "server_busy") is retried after the server's retry_after, as
 a client honouring Retry-After would (`--no-retry`: it is dropped), so every client keeps offering
-load. Per admitted session: time to first audio (request sent -> first PCM frame), the real-time
-factor (session wall time / audio seconds) and the longest playback underrun of a player that starts
-at the first byte and plays continuously; per sentence, the wait from its first attempt to its
-admission. Aggregate: audio seconds per wall second; refusals and failed sessions are counted apart.
-Prints one table, both modes side by side; writes JSON to bench/results/load.json.
+load. A session over capacity waits in the server's FIFO queue (`session.queued`) and is refused only
+after max_queue_wait_s. Per admitted session: time to first audio after admission (request sent ->
+first PCM frame, less the queue wait the server reports), the real-time factor (session wall time /
+audio seconds) and the longest playback underrun of a player that starts at the first byte and
+plays continuously; per sentence, the wait before admission (queued, and refused attempts with their
+retry delays). Aggregate: audio seconds per wall second; refusals and failed sessions are counted
+apart. Beside it, the offline pipeline's capacity in the same run (`bench.offline`: the largest level's
+sentences, the same voice, threads and decoding, engine + vocoder batched at min(N, max batch), no
+server; measured before the servers start) and the share of it the server delivers. Prints one table, both modes side
+by side; writes JSON to bench/results/load.json.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from bench.offline import capacities_for_load
 from models.recipes.corpus import load_eval_sentences
 
 SAMPLE_BYTES = 2  # PCM16 mono
@@ -63,6 +69,7 @@ async def session(url: str, text: str, sample_rate: int) -> dict:
         await ws.send(json.dumps({"type": "input.text", "text": text}))
         await ws.send(json.dumps({"type": "input.done"}))
         first, audio, arrivals, error, refused, retry_after = None, 0.0, [], None, False, 1.0
+        queue_wait, position = 0.0, 0  # seconds queued (the server's stats), furthest place in line
         while True:
             msg = await ws.recv()
             now = time.perf_counter()
@@ -73,6 +80,10 @@ async def session(url: str, text: str, sample_rate: int) -> dict:
                 audio += len(msg) / SAMPLE_BYTES / sample_rate
                 continue
             event = json.loads(msg)
+            if event["type"] == "session.queued":
+                position = max(position, event["position"])
+            if event["type"] == "session.done":
+                queue_wait = event["stats"].get("queue_wait_seconds") or 0.0
             if event["type"] == "error":
                 refused = event["error"].get("code") == "server_busy"
                 error = None if refused else event["error"]
@@ -80,24 +91,27 @@ async def session(url: str, text: str, sample_rate: int) -> dict:
             if event["type"] in ("session.done", "error"):
                 break
     wall = time.perf_counter() - start
-    return {"ttfa": (first - start) if first else None, "audio": audio, "wall": wall,
+    return {"ttfa": (first - start - queue_wait) if first else None, "audio": audio, "wall": wall,
             "rtf": wall / audio if audio else None, "underrun": underrun(arrivals),
-            "error": error, "refused": refused, "retry_after": retry_after}
+            "error": error, "refused": refused, "retry_after": retry_after, "queue": queue_wait,
+            "position": position}
 
 
 async def spoken(url: str, text: str, rate: int, retry: bool, give_up_s: float = 120.0) -> dict:
     """One sentence: sessions until one is admitted (retrying after retry_after when `retry`);
-    `refusals` counts the refused attempts, `wait` the seconds from the first to the admitted one."""
+    `refusals` counts the refused attempts, `wait` the seconds before admission: from the first
+    attempt to the admitted one, plus its time in the server's queue."""
     start, refusals = time.perf_counter(), 0
     while True:
+        attempt = time.perf_counter()
         try:
             r = await session(url, text, rate)
         except Exception as exc:  # noqa: BLE001 — a failed session is a measured error
             r = {"error": repr(exc), "ttfa": None, "audio": 0.0, "rtf": None, "underrun": 0.0,
-                 "wall": 0.0, "refused": False, "retry_after": 0.0}
+                 "wall": 0.0, "refused": False, "retry_after": 0.0, "queue": 0.0, "position": 0}
         if not r["refused"] or not retry or time.perf_counter() - start > give_up_s:
-            return {**r, "refusals": refusals + r["refused"], "wait": time.perf_counter() - start
-                    - r["wall"]}
+            return {**r, "refusals": refusals + r["refused"],
+                    "wait": attempt - start + r["queue"]}
         refusals += 1
         await asyncio.sleep(r["retry_after"])
 
@@ -123,6 +137,7 @@ async def run_level(url: str, n: int, per_client: int, sentences: list[str], rat
             "ttfa_p95_ms": 1000 * q(ttfa, 95) if ttfa else None,
             "wait_p50_ms": 1000 * statistics.median(waits) if waits else None,
             "wait_max_ms": 1000 * max(waits) if waits else None,
+            "queued": sum(r["position"] > 0 for r in results),
             "rtf_median": statistics.median(r["rtf"] for r in ok) if ok else None,
             "max_underrun_ms": 1000 * max((r["underrun"] for r in ok), default=0.0),
             "audio_seconds_per_second": sum(r["audio"] for r in ok) / wall}
@@ -172,6 +187,7 @@ def main() -> None:
     levels = [int(x) for x in args.clients.split(",")]
     modes = args.modes.split(",")
     sentences = load_eval_sentences()
+    offline = capacities_for_load(args, levels, modes, sentences)
     rows, chosen = [], None
     bar = tqdm(total=len(levels) * len(modes), desc="load levels")
     for mode in modes:
@@ -184,7 +200,12 @@ def main() -> None:
             for n in levels:
                 row = asyncio.run(run_level(url, n, args.requests_per_client, sentences, rate,
                                             args.retry))
-                rows.append({"mode": mode, "default": chosen, **row})
+                base = offline[min(n, args.max_batch) if mode == "batched" else 1]
+                rows.append({"mode": mode, "default": chosen, **row,
+                             "offline_audio_seconds_per_second": base["audio_seconds_per_second"],
+                             "offline_batch": base["batch"],
+                             "share_of_offline": row["audio_seconds_per_second"]
+                             / base["audio_seconds_per_second"]})
                 bar.update()
         finally:
             server.terminate()
@@ -194,20 +215,25 @@ def main() -> None:
           f"({chosen}); "
           f"batched = --max-batch {args.max_batch}, single = --max-batch 1; "
           f"{args.requests_per_client} sentences per client, refused sessions "
-          f"{'retried after retry_after' if args.retry else 'dropped'}")
-    print(f"{'mode':>8} {'N':>3} {'served':>6} {'dropped':>7} {'refusals':>8} {'err':>4} "
-          f"{'TTFA p50':>9} {'p95':>7} {'wait p50':>9} {'max':>7} {'RTF med':>8} {'underrun':>9} "
-          f"{'audio s/s':>10}")
+          f"{'retried after retry_after' if args.retry else 'dropped'}; TTFA from admission, queue: "
+          f"wait before it; offline: engine + vocoder batched at min(N, max batch), same voice, threads "
+          f"and decoding, the largest level's sentences, no server")
+    print(f"{'mode':>8} {'N':>3} {'served':>6} {'queued':>6} {'dropped':>7} {'refusals':>8} "
+          f"{'err':>4} {'TTFA p50':>9} {'p95':>7} {'queue p50':>10} {'max':>7} {'RTF med':>8} "
+          f"{'underrun':>9} {'audio s/s':>10} {'offline':>8} {'share':>6}")
     for r in rows:
         fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-        print(f"{r['mode']:>8} {r['clients']:>3} {r['served']:>6} {r['dropped']:>7} "
-              f"{r['refusals']:>8} {r['errors']:>4} {fmt(r['ttfa_p50_ms'], '8.0f')}ms "
-              f"{fmt(r['ttfa_p95_ms'], '5.0f')}ms {fmt(r['wait_p50_ms'], '7.0f')}ms "
-              f"{fmt(r['wait_max_ms'], '5.0f')}ms {fmt(r['rtf_median'], '8.3f')} "
-              f"{r['max_underrun_ms']:7.0f}ms {r['audio_seconds_per_second']:10.2f}")
+        print(f"{r['mode']:>8} {r['clients']:>3} {r['served']:>6} {r['queued']:>6} "
+              f"{r['dropped']:>7} {r['refusals']:>8} {r['errors']:>4} "
+              f"{fmt(r['ttfa_p50_ms'], '8.0f')}ms {fmt(r['ttfa_p95_ms'], '5.0f')}ms "
+              f"{fmt(r['wait_p50_ms'], '8.0f')}ms {fmt(r['wait_max_ms'], '5.0f')}ms "
+              f"{fmt(r['rtf_median'], '8.3f')} {r['max_underrun_ms']:7.0f}ms "
+              f"{r['audio_seconds_per_second']:10.2f} {r['offline_audio_seconds_per_second']:8.2f} "
+              f"{100 * r['share_of_offline']:5.0f}%")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    out.write_text(json.dumps({"args": vars(args), "offline": list(offline.values()), "rows": rows},
+                              indent=2))
 
 
 if __name__ == "__main__":

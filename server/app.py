@@ -25,12 +25,10 @@ from server.speech import CALIBRATION_TEXT, ServerState, default_config
 log = logging.getLogger("spectts.server")
 
 
-def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
-    """Load the voice, resolve its default decoding ("auto" measures), warm it up and start the
-    engine thread (blocking: run it in a thread)."""
+def load_voice(settings: Settings):
+    """The voice as the server runs it: device, torch threads, cache sizes, runner (blocking).
+    Returns the TextToSpeech (or a family's counterpart)."""
     import sys
-
-    import torch
 
     from engine.decoding.engine import resolve_device
     from engine.orpheus_tts import load_tts
@@ -43,11 +41,19 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     threads = settings.torch_threads(device.type)
     if threads:
         set_threads(threads)
-    tts = load_tts(settings.bundle, settings.codec, settings.draft, device=str(device),
-                   max_batch=settings.max_batch, max_len=settings.max_len,
-                   prefix_blocks=settings.prefix_cache_blocks,
-                   phoneme_coverage=settings.phoneme_coverage,
-                   phoneme_durations=settings.phoneme_durations, runner=settings.runner)
+    return load_tts(settings.bundle, settings.codec, settings.draft, device=str(device),
+                    max_batch=settings.max_batch, max_len=settings.max_len,
+                    prefix_blocks=settings.prefix_cache_blocks,
+                    phoneme_coverage=settings.phoneme_coverage,
+                    phoneme_durations=settings.phoneme_durations, runner=settings.runner)
+
+
+def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
+    """Load the voice (`load_voice`), resolve its default decoding ("auto" measures), warm it up
+    and start the engine thread (blocking: run it in a thread)."""
+    import torch
+
+    tts = load_voice(settings)
     service = TTSService(tts, queue_size=settings.queue_size,
                          first_chunk_frames=settings.first_chunk_frames,
                          chunk_frames=settings.chunk_frames,
@@ -60,7 +66,7 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     service.calibrate(CALIBRATION_TEXT, cfg)
     service.start()
     log.info("voice %r loaded from %s on %s (runner %s, %s torch threads)", tts.name,
-             settings.bundle, device, tts.engine.runner, torch.get_num_threads())
+             settings.bundle, tts.engine.device, tts.engine.runner, torch.get_num_threads())
     return service, cfg
 
 

@@ -8,11 +8,12 @@ WebSocket sends the same body with `"type": "error"` added around it and keeps t
 |-------------------------------------------------|--------|---------------|---------------------|
 | invalid JSON, wrong types, out-of-range fields  | 400    | invalid_req.. | invalid_value       |
 | empty / over-long input, unspeakable text       | 400    | invalid_req.. | invalid_input / ... |
+| WebSocket text not yet spoken over the cap      | 400    | invalid_req.. | buffer_full         |
 | unknown model / voice / format                  | 400    | invalid_req.. | unknown_model / ... |
 | bad decoding settings (GenerationConfig)        | 400    | invalid_req.. | invalid_value       |
 | missing or wrong API key                        | 401    | invalid_req.. | invalid_api_key     |
 | unknown path / method                           | 404/405| invalid_req.. | not_found / ...     |
-| at capacity (ServiceBusy), + Retry-After        | 503    | server_error  | server_busy         |
+| queue full, or queued max_queue_wait_s (Busy)   | 503    | server_error  | server_busy         |
 | model not loaded yet                            | 503    | server_error  | not_ready           |
 | generation timed out                            | 504    | server_error  | timeout             |
 | a failure inside the engine for this request    | 500    | server_error  | internal_error      |

@@ -29,7 +29,7 @@ class Metrics:
         self._service = service
         self.requests = Counter(
             "spectts_requests", "Requests by route and HTTP status (WebSocket sessions: 200 done, "
-            "400 refused, 499 cancelled by the client, 500 failed). Error ratio: "
+            "400 refused, 499 cancelled by the client, 500 failed, 503 at capacity). Error ratio: "
             "sum(rate(spectts_requests_total{status=~\"5..\"}[5m])) / "
             "sum(rate(spectts_requests_total[5m]))", ["route", "status"], registry=r)
         self.queue_depth = Gauge("spectts_requests_waiting",
@@ -47,8 +47,12 @@ class Metrics:
         self.slots.set_function(lambda: self._read(lambda s: s.tts.engine.cache.slots_in_use))
         self.slots_total.set_function(lambda: self._read(lambda s: s.tts.engine.cache.max_batch))
         self.ttfa = Histogram("spectts_time_to_first_audio_seconds",
-                              "Time from accepting a request to its first audio chunk",
+                              "Time from accepting a request to its first audio chunk (queue wait included)",
                               buckets=_LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("spectts_queue_wait_seconds",
+                                    "Time a request waited in the admission queue for a stream "
+                                    "(0 when one was free; refused ones after max_queue_wait_s)",
+                                    buckets=_LATENCY_BUCKETS, registry=r)
         self.duration = Histogram("spectts_request_duration_seconds",
                                   "Time to serve a request, until its last byte",
                                   ["route"], buckets=_DURATION_BUCKETS, registry=r)
@@ -115,7 +119,10 @@ class Metrics:
                 self.drafted_pos.labels(str(pos)).inc(n)
             if stats.get("target_forwards"):
                 self.accepted_length.observe(stats["mean_accepted_length"])
-        elif event.kind in (EventKind.DONE, EventKind.CANCELLED):
+        if event.kind in (EventKind.DONE, EventKind.CANCELLED, EventKind.REFUSED):
+            if stats.get("queue_wait_seconds") is not None:
+                self.queue_wait.observe(stats["queue_wait_seconds"])
+        if event.kind in (EventKind.DONE, EventKind.CANCELLED):
             if stats.get("audio_seconds"):
                 self.audio.inc(stats["audio_seconds"])
             if stats.get("time_to_first_audio_seconds") is not None:

@@ -93,6 +93,8 @@ async def _head(stream: SpeechStream, state: ServerState) -> list[Event]:
 
 def _raise_for(final: Event, guard: Guard, state: ServerState) -> None:
     """An APIError for a stream that did not end with "done"."""
+    if final.kind == EventKind.REFUSED:  # waited max_queue_wait_s for a stream: 503, Retry-After
+        raise errors.to_api_error(final.error, state.settings.retry_after_s)
     if final.kind == EventKind.ERROR:
         log.warning("request failed in the engine: %r", final.error)
         raise errors.engine_failure(final.error)

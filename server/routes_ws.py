@@ -5,11 +5,17 @@ Client -> server (JSON text frames, each with a "type"):
     {"type": "session.config", ...}   the HTTP request's fields except input (model, voice, speed,
                                       decoding, accept, tau, beta, min_ratio, temperature, top_k, seed, ...);
                                       stays in effect for every later session on the socket
-    {"type": "input.text", "text": "..."}   any number; the first one starts a session
+    {"type": "input.text", "text": "..."}   any number; the first one starts a session. A session's
+                                      total text has no limit: each message, and the text received
+                                      and not yet spoken, may have up to max_input_chars characters
+                                      (a message past that is refused, code "buffer_full", and the
+                                      session goes on: send it again once more has been spoken)
     {"type": "input.done"}            no more text: speak the rest, then end the session (a session
                                       whose text is blank is refused, as HTTP refuses an empty input)
     {"type": "cancel"}                stop the running session now
 Server -> client:
+    {"type": "session.queued", "position": n}   every stream is taken: the session waits in FIFO
+        order (position 1: next); sent again as the position changes. Text may be sent meanwhile.
     {"type": "audio.start", "sentence_index": i, "sentence_text": "...", "format": "pcm_s16le",
      "sample_rate": N, "channels": 1}
     binary frames: PCM16 LE mono of sentence i, as soon as the engine accepts it
@@ -18,7 +24,9 @@ Server -> client:
         (tokens, mean_accepted_length, time_to_first_audio_seconds, real_time_factor, ...)
     {"type": "error", "error": {"message", "type", "param", "code"}}   a refused message or a failed
         session; the socket stays open for the next one. A session refused at capacity (code
-        "server_busy") also carries "retry_after": seconds, as HTTP's Retry-After header.
+        "server_busy": the queue is full, or it waited max_queue_wait_s queued, then followed by
+        session.done with status "refused") also carries "retry_after": seconds, as HTTP's
+        Retry-After header.
 A client that disconnects stops its generation. With an API key set, send `Authorization: Bearer
 <key>`, or (browsers cannot set headers on a WebSocket) offer the subprotocols
 ["spectts", "spectts.bearer.<base64url(key)>"] (server.middleware.authorized_socket).
@@ -44,7 +52,9 @@ from server.speech import Guard, ServerState
 log = logging.getLogger("spectts.server")
 router = APIRouter()
 ROUTE = "/v1/audio/speech/stream"
-_STATUS = {EventKind.DONE: 200, EventKind.CANCELLED: 499, EventKind.ERROR: 500}
+_STATUS = {EventKind.DONE: 200, EventKind.CANCELLED: 499, EventKind.ERROR: 500,
+           EventKind.REFUSED: 503}
+_END = {EventKind.DONE: "completed", EventKind.CANCELLED: "cancelled", EventKind.REFUSED: "refused"}
 
 
 @router.websocket(ROUTE)
@@ -74,7 +84,6 @@ class _Socket:
         self.config: tuple | None = None  # (GenerationConfig, speed) from session.config
         self.stream: SpeechStream | None = None
         self.pump: asyncio.Task | None = None
-        self.chars = 0
         self.blank = True  # the session's text so far is only whitespace
         self._send = asyncio.Lock()
 
@@ -111,15 +120,19 @@ class _Socket:
                 raise
         elif kind == "input.text":
             piece = _validate(InputText, msg).text
+            limit = self.state.settings.max_input_chars
+            if len(piece) > limit:
+                raise errors.bad_request(f"the message has {len(piece)} characters; the limit is "
+                                         f"{limit}", "input_too_long", "text")
             if self.stream is None:
                 await self.start()
-            self.chars += len(piece)
+            unspoken = self.stream.unspoken_chars()
+            if unspoken + len(piece) > limit:  # refused, not added: the client sends it again
+                raise errors.bad_request(
+                    f"the session has {unspoken} characters received and not yet spoken; with this "
+                    f"message's {len(piece)} that is over the limit of {limit}: the message was not "
+                    f"added, send it again once more has been spoken", "buffer_full", "text")
             self.blank = self.blank and not piece.strip()
-            limit = self.state.settings.max_input_chars
-            if self.chars > limit:
-                self.stream.cancel()
-                raise errors.bad_request(f"the session's text has {self.chars} characters; the "
-                                         f"limit is {limit}", "input_too_long", "text")
             self.stream.add_text(piece)
         elif kind == "input.done":
             if self.stream is None:
@@ -150,7 +163,7 @@ class _Socket:
         except errors.APIError as exc:
             self.refused(exc)
             raise
-        self.stream, self.chars, self.blank = stream, 0, True
+        self.stream, self.blank = stream, True
         self.pump = asyncio.create_task(self.run(stream))
 
     async def run(self, stream: SpeechStream) -> None:
@@ -162,7 +175,9 @@ class _Socket:
             async for event in stream.events():
                 self.state.metrics.observe(event)
                 final = event
-                if event.kind == EventKind.SENTENCE_START:
+                if event.kind == EventKind.QUEUED:
+                    await self.send({"type": "session.queued", "position": event.position})
+                elif event.kind == EventKind.SENTENCE_START:
                     await self.send({"type": "audio.start", "sentence_index": event.sentence_index,
                                      "sentence_text": event.text, "format": "pcm_s16le",
                                      "sample_rate": rate, "channels": 1})
@@ -174,10 +189,12 @@ class _Socket:
                                      "stats": event.stats})
             if final.kind == EventKind.ERROR:
                 await self.error(errors.engine_failure(final.error))
+            elif final.kind == EventKind.REFUSED:
+                await self.error(errors.to_api_error(final.error,
+                                                     self.state.settings.retry_after_s))
             elif guard.timed_out:
                 await self.error(errors.timed_out(guard.timeout_s))
-            status = {EventKind.DONE: "completed", EventKind.CANCELLED: "cancelled"}.get(final.kind,
-                                                                                "error")
+            status = _END.get(final.kind, "error")
             self._end(stream)  # before session.done: the client may start the next one at once
             await self.send({"type": "session.done", "status": status,
                              "stats": final.stats or stream.summary()})

@@ -68,16 +68,19 @@ class Settings(BaseSettings):
                                       "0.8 and repetition penalty 1.3 for Orpheus)")
 
     # --- limits -------------------------------------------------------------------------------
-    max_input_chars: int = Field(4096, ge=1, description="longest input text, in characters")
+    max_input_chars: int = Field(4096, ge=1, description="longest input text, in characters: an "
+                                 "HTTP input, a WebSocket message, and a WebSocket session's text "
+                                 "received and not yet spoken (its total has no limit)")
     max_batch: int = Field(16, ge=1, description="requests decoded together (the engine's batch, "
                                                 "continuous: requests join and leave between "
                                                 "steps); more wait in the queue; 1: one at a time")
-    queue_size: int = Field(64, ge=1, description="requests waiting for a batch slot; beyond: 503")
-    max_queue_wait_s: float = Field(2.0, gt=0, description="new requests get 503 while the "
-                                    "oldest waiting one has waited this long")
-    admission_control: bool = Field(True, description="refuse (503) new requests beyond the "
-                                    "streams this machine keeps ahead of real time, or while one "
-                                    "is behind; false: only the queue limits apply")
+    queue_size: int = Field(64, ge=1, description="requests waiting for a stream (FIFO); "
+                            "beyond: 503 at once")
+    max_queue_wait_s: float = Field(2.0, gt=0, description="a request waits this long at most in "
+                                    "the queue for a stream, then gets 503 with Retry-After")
+    admission_control: bool = Field(True, description="queue new requests beyond the streams "
+                                    "this machine keeps ahead of real time, or while one is "
+                                    "behind; false: only free batch slots count")
     prefill_chunk: int = Field(64, ge=0, description="prompt tokens a newcomer prefills per step, "
                                                      "so running streams are not stalled; 0: all")
     row_budget: int = Field(64, ge=0, description="speculative candidate rows per step across "

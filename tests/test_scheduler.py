@@ -52,16 +52,15 @@ def test_streams_far_ahead_sit_out_while_one_is_urgent():
     assert names(policy.select(busy, now=10.0)) == ["new", "a"]  # b has 5 s buffered
 
 
-def test_admission_refuses_when_behind_or_queue_is_old():
-    policy = Policy(max_queue_wait_s=2.0, behind_s=0.1)
+def test_admission_holds_the_queue_when_behind_or_at_capacity():
+    policy = Policy(behind_s=0.1)
     fine = [S("a", 0.0, 10.5), S("starting", 9.0)]
-    assert policy.refuse(fine, oldest_wait_s=1.0, now=10.0) is None
-    assert "waited" in policy.refuse(fine, oldest_wait_s=2.5, now=10.0)
-    assert "behind" in policy.refuse(fine + [S("stalled", 0.0, 9.7)], None, now=10.0)
-    assert "ahead of real time" in policy.refuse(fine, None, now=10.0, waiting=1, capacity=3)
-    assert policy.refuse(fine, None, now=10.0, waiting=0, capacity=3) is None
-    relaxed = Policy(max_queue_wait_s=2.0, adaptive=False)
-    assert relaxed.refuse(fine + [S("stalled", 0.0, 9.7)], None, now=10.0, capacity=1) is None
+    assert policy.hold(fine, now=10.0) is None
+    assert "behind" in policy.hold(fine + [S("stalled", 0.0, 9.7)], now=10.0)
+    assert "ahead of real time" in policy.hold(fine, now=10.0, capacity=2)
+    assert policy.hold(fine, now=10.0, capacity=3) is None
+    relaxed = Policy(adaptive=False)
+    assert relaxed.hold(fine + [S("stalled", 0.0, 9.7)], now=10.0, capacity=1) is None
 
 
 def test_capacity_is_learned_from_step_costs():

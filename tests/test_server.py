@@ -523,6 +523,147 @@ def test_full_queue_is_a_503_with_retry_after(tiny_voice, settings):
     service.stop()
 
 
+def recv_json(ws, timeout: float = 60) -> dict:
+    """The next JSON message, skipping audio frames."""
+    while isinstance(frame := ws.recv(timeout=timeout), bytes):
+        pass
+    return json.loads(frame)
+
+
+def until_type(ws, kind: str) -> list[dict]:
+    """JSON messages up to and including the first of type `kind`."""
+    messages = [recv_json(ws)]
+    while messages[-1]["type"] != kind:
+        messages.append(recv_json(ws))
+    return messages
+
+
+def wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_over_capacity_waits_in_the_queue_then_503(tiny_voice, settings):
+    """One stream: a WebSocket session over it is told it is queued and its place, an HTTP request
+    waits; a client leaving the queue frees its place; 503 with Retry-After only after
+    max_queue_wait_s."""
+    from websockets.sync.client import connect
+
+    from engine.serving.deadlines import Policy
+
+    service = TTSService(TextToSpeech(tiny_voice, max_batch=1),
+                         policy=Policy(max_queue_wait_s=60, adaptive=False))
+    service.start()
+    config = json.dumps({"type": "session.config"})
+    with LiveServer(create_app(settings, service=service)) as server, \
+            connect(server.ws_url) as holder, connect(server.ws_url) as queued:
+        holder.send(config)
+        holder.send(json.dumps({"type": "input.text", "text": "Hello there. "}))
+        while not isinstance(holder.recv(timeout=30), bytes):  # speaking: holds the only stream
+            pass
+        queued.send(config)
+        queued.send(json.dumps({"type": "input.text", "text": "Speak after the first. "}))
+        assert json.loads(queued.recv(timeout=10)) == {"type": "session.queued", "position": 1}
+        result = {}
+        http = threading.Thread(target=lambda: result.update(response=httpx.post(
+            server.url + "/v1/audio/speech", json={"input": "Third in line."}, timeout=60)))
+        http.start()
+        wait_for(lambda: service.waiting == 2)
+        with connect(server.ws_url) as leaver:
+            leaver.send(config)
+            leaver.send(json.dumps({"type": "input.text", "text": "Never mind. "}))
+            assert recv_json(leaver, 10) == {"type": "session.queued", "position": 3}
+        wait_for(lambda: service.waiting == 2)  # it left the queue with its socket
+        holder.send(json.dumps({"type": "input.done"}))
+        assert until_type(holder, "session.done")[-1]["status"] == "completed"
+        queued.send(json.dumps({"type": "input.done"}))
+        messages = until_type(queued, "session.done")
+        assert messages[-1]["status"] == "completed" and messages[0]["type"] == "audio.start"
+        assert messages[-1]["stats"]["queue_wait_seconds"] > 0
+        http.join(60)
+        assert result["response"].status_code == 200 and samples(result["response"].content).size
+
+        service.policy = Policy(max_queue_wait_s=0.5, adaptive=False)
+        holder.send(json.dumps({"type": "input.text", "text": "Hold on. "}))  # holds it again
+        while not isinstance(holder.recv(timeout=30), bytes):
+            pass
+        start = time.monotonic()
+        response = httpx.post(server.url + "/v1/audio/speech", json={"input": "Hi."}, timeout=30)
+        assert time.monotonic() - start >= 0.5
+        assert assert_error(response, 503)["code"] == "server_busy"
+        assert "waited" in response.json()["error"]["message"]
+        assert int(response.headers["retry-after"]) == settings.retry_after_s
+        queued.send(json.dumps({"type": "input.text", "text": "Me again. "}))
+        queued_msg, error, done = until_type(queued, "session.done")
+        assert queued_msg == {"type": "session.queued", "position": 1}
+        assert error["error"]["code"] == "server_busy"
+        assert error["retry_after"] == settings.retry_after_s
+        assert done["status"] == "refused"
+        holder.send(json.dumps({"type": "cancel"}))
+        assert until_type(holder, "session.done")[-1]["status"] == "cancelled"
+    service.stop()
+
+
+def test_a_long_session_is_served_with_its_unspoken_text_capped(tiny_voice, settings):
+    """A session's total text is unlimited; what is received and not yet spoken, and each message,
+    are capped at max_input_chars: a flood is refused (the session goes on), the buffer stays
+    bounded."""
+    from websockets.sync.client import connect
+
+    from engine.serving.deadlines import Policy
+
+    limit = 150
+    service = TTSService(TextToSpeech(tiny_voice, max_batch=2), first_chunk_frames=2,
+                         chunk_frames=5, policy=Policy(adaptive=False))
+    service.start()
+    peak, sampling = [0], threading.Event()
+
+    def sample() -> None:  # the largest unspoken buffer of any stream, while the test runs
+        while not sampling.is_set():
+            peak[0] = max([peak[0], *(s.unspoken_chars() for s in list(service._active))])
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    sentences = [f"Sentence {n} of a long answer. " for n in range(20)]
+    app = create_app(settings.model_copy(update={"max_input_chars": limit}), service=service)
+    try:
+        with LiveServer(app) as server, connect(server.ws_url) as ws:
+            ws.send(json.dumps({"type": "session.config"}))
+            done = 0
+            for sent, sentence in enumerate(sentences, 1):
+                ws.send(json.dumps({"type": "input.text", "text": sentence}))
+                while sent - done >= 3:  # the client paces itself: three sentences ahead at most
+                    done += recv_json(ws)["type"] == "audio.done"
+            ws.send(json.dumps({"type": "input.done"}))
+            rest = until_type(ws, "session.done")
+            assert rest[-1]["status"] == "completed"
+            assert done + sum(m["type"] == "audio.done" for m in rest) == len(sentences)
+            assert sum(map(len, sentences)) > 3 * limit
+
+            flood = "Words and more words that keep coming. " * 2  # 78 characters
+            ws.send(json.dumps({"type": "input.text", "text": flood}))
+            ws.send(json.dumps({"type": "input.text", "text": flood}))
+            error = recv_json(ws)
+            assert error["type"] == "error" and error["error"]["code"] == "buffer_full", error
+            assert error["error"]["param"] == "text" and "not added" in error["error"]["message"]
+            ws.send(json.dumps({"type": "input.done"}))
+            rest = until_type(ws, "session.done")
+            assert rest[-1]["status"] == "completed"  # the first message was spoken
+            assert sum(m["type"] == "audio.done" for m in rest) == 2
+
+            ws.send(json.dumps({"type": "input.text", "text": "x" * (limit + 1)}))
+            error = recv_json(ws)
+            assert error["error"]["code"] == "input_too_long", error
+    finally:
+        sampling.set()
+        sampler.join()
+        service.stop()
+    assert 0 < peak[0] <= limit
+
+
 def test_api_key(tiny_voice, settings):
     from openai import AuthenticationError, OpenAI
     from websockets.exceptions import ConnectionClosed

@@ -1,5 +1,5 @@
 """Capacity: how many streams this machine keeps ahead of real time, learned from the engine's own
-steps; admission control (`engine.serving.deadlines.Policy.refuse`) refuses beyond it."""
+steps; admission (`engine.serving.deadlines.Policy.hold`) holds the queue beyond it."""
 
 from __future__ import annotations
 
@@ -10,6 +10,11 @@ import numpy as np
 # streams are admitted while each would be decoded this much faster than real time: the room left
 # for step-to-step variation, so that admitted streams do not stall (measurements: docs/serving.md)
 CAPACITY_MARGIN = 2.0
+
+
+class ServiceBusy(RuntimeError):
+    """A request refused: the queue is full, or it waited `max_queue_wait_s` without a free stream
+    (HTTP 503 with Retry-After)."""
 
 
 class Capacity:

@@ -5,9 +5,9 @@ continuously (`Playback`). A stream's *slack* is how much audio that player stil
 dry (an underrun) when the slack reaches zero before the next chunk. The scheduler orders streams as
 VoxServe does: streams in startup (no audio yet) first, oldest first, then by deadline, the one closest
 to running dry first. When some stream is urgent, streams with plenty buffered sit the step out, so the
-batched forward is smaller and the urgent ones get their audio sooner. Admission refuses new requests
-while a running stream is already behind or the queue has waited too long, rather than letting every
-stream fall behind.
+batched forward is smaller and the urgent ones get their audio sooner. Admission holds the queue (FIFO)
+while the running streams already fill the machine or one of them is behind, rather than letting every
+stream fall behind; a request held past `max_queue_wait_s` is refused.
 
 No torch, no threads: plain policy, tested on its own.
 """
@@ -64,9 +64,9 @@ class Scheduled(Protocol):
 class Policy:
     urgent_s: float = 0.5  # a stream with less audio buffered than this is urgent
     ahead_s: float = 2.0  # while any is urgent, streams with more buffered than this sit out a step
-    max_queue_wait_s: float = 2.0  # refuse new requests while the oldest waiting one waited this long
-    behind_s: float = 0.1  # refuse new requests while a running stream has stalled this long
-    adaptive: bool = True  # False: refuse on queue wait only, never from the load (tests, benches)
+    max_queue_wait_s: float = 2.0  # a request waits in the queue this long at most, then is refused
+    behind_s: float = 0.1  # hold the queue while a running stream has stalled this long
+    adaptive: bool = True  # False: hold only for free slots, never from the load (tests, benches)
 
     def order(self, streams: list[Scheduled]) -> list[Scheduled]:
         """Most urgent first: startup (oldest first), then by the time each runs dry."""
@@ -82,18 +82,15 @@ class Policy:
             return ranked
         return [s for s in ranked if s.playback.slack(now) <= self.ahead_s]
 
-    def refuse(self, running: list[Scheduled], oldest_wait_s: float | None, now: float,
-               waiting: int = 0, capacity: int | None = None) -> str | None:
-        """Why a new request should be refused now (HTTP 503), or None to admit it. `running`: the
-        open streams (those still waiting for their text count too); `capacity`: the streams the
-        machine keeps ahead of real time (`Capacity.streams`), None if unknown."""
-        if oldest_wait_s is not None and oldest_wait_s > self.max_queue_wait_s:
-            return f"requests have waited {oldest_wait_s:.1f} s for a decoding slot"
+    def hold(self, running: list[Scheduled], now: float, capacity: int | None = None
+             ) -> str | None:
+        """Why the queue's next request must wait now, or None to admit it. `running`: the open
+        streams (those still waiting for their text count too); `capacity`: the streams the machine
+        keeps ahead of real time (`Capacity.streams`), None if unknown."""
         if not self.adaptive:
             return None
-        if capacity is not None and len(running) + waiting + 1 > capacity:
-            return (f"{len(running) + waiting} requests running or waiting; this machine keeps "
-                    f"{capacity} ahead of real time")
+        if capacity is not None and len(running) + 1 > capacity:
+            return f"{len(running)} requests running; this machine keeps {capacity} ahead of real time"
         behind = [s for s in running if s.playback.started and s.playback.slack(now) < -self.behind_s]
         if behind:
             return f"{len(behind)} running stream(s) are behind real time"

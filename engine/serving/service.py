@@ -1,12 +1,20 @@
 """The speech service: text requests in, audio chunks out, the engine in its own thread.
 
-It ties three parts: admission (`open` / `speak`: one validation, the deadline policy and the
-capacity model may refuse), the requests (`engine.serving.stream.SpeechStream`: text in, events out)
-and each sentence's audio path (`engine.serving.chunker`). The engine thread's loop: start each
-stream's next sentence, plan and run one batched engine step over the chosen streams
-(`engine.serving.deadlines.Policy`, `Engine.plan`), then vocode what the step accepted, all streams'
-chunks in one batched vocoder pass; it never blocks the event loop. A failure inside one request fails that
-request only; cancelling (or a client disconnect) frees its cache slot at the next step.
+It ties three parts: admission (`open` / `speak`: one validation, then a FIFO queue), the requests
+(`engine.serving.stream.SpeechStream`: text in, events out) and each sentence's audio path
+(`engine.serving.chunker`). Admission is fair: a request over capacity waits in arrival order (told
+its position, `EventKind.QUEUED`) until a stream is free — a cache slot, and room in the capacity
+model and the deadline policy (`Policy.hold`) — and is refused (`EventKind.REFUSED`) only after
+`Policy.max_queue_wait_s`; only a full queue refuses at once (`ServiceBusy`). A later arrival never
+gets in before an earlier waiting one.
+
+Two threads. The frontend thread cuts each stream's arriving text into sentences and phonemises them
+(`TextToSpeech.plan`), so that work never delays a step. The engine thread's loop: admit from the
+queue, start each stream's next sentence, plan and run one batched engine step over the chosen
+streams (`engine.serving.deadlines.Policy`, `Engine.plan`), then vocode what the step accepted, all
+streams' chunks in one batched vocoder pass; it never blocks the event loop. A failure inside one
+request (its text, its decoding) fails that request only; cancelling (or a client disconnect) frees
+its cache slot at the next step, or its place in the queue.
 """
 
 from __future__ import annotations
@@ -16,12 +24,13 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 
 import numpy as np
 
 from engine.decoding.plan import StepPlan
 from engine.decoding.sequence import Sequence
-from engine.serving.capacity import CAPACITY_MARGIN, Capacity
+from engine.serving.capacity import CAPACITY_MARGIN, Capacity, ServiceBusy
 from engine.serving.chunker import ChunkSizes, SentenceAudio
 from engine.serving.deadlines import Policy
 from engine.serving.stream import Event, EventKind, SpeechStream
@@ -29,11 +38,7 @@ from engine.tts import TextToSpeech
 from engine.types import GenerationConfig
 
 log = logging.getLogger("spectts.service")
-
-
-class ServiceBusy(RuntimeError):
-    """The request queue is full or the running streams cannot take more (HTTP 503 with
-    Retry-After)."""
+__all__ = ["ServiceBusy", "TTSService"]
 
 
 class TTSService:
@@ -48,66 +53,62 @@ class TTSService:
                                                 tts.sample_rate, tts.lookahead_samples)
         self.policy, self.prefill_chunk, self.row_budget = policy, prefill_chunk, row_budget
         self.capacity = Capacity(capacity_margin)
-        self._waiting: queue.Queue[SpeechStream] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self._queue: deque[SpeechStream] = deque()  # admission order; engine thread admits
+        self._queue_lock = threading.Lock()
         self._active: list[SpeechStream] = []
         self._wake = threading.Event()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="spectts-engine", daemon=True)
+        self._texts: queue.SimpleQueue[SpeechStream | None] = queue.SimpleQueue()  # to phonemise
+        self._frontend = threading.Thread(target=self._run_frontend, name="spectts-frontend",
+                                          daemon=True)
         self.steps = 0
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        self._frontend.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._stop = True
         self.wake()
+        self._texts.put(None)
         self._thread.join(timeout=10)
+        self._frontend.join(timeout=10)
 
     def wake(self) -> None:
         self._wake.set()
 
     @property
     def waiting(self) -> int:
-        return self._waiting.qsize()
+        return len(self._queue)
 
     @property
     def active(self) -> int:
         return len(self._active)
 
-    def overloaded(self) -> str | None:
-        """Why a new request would be refused now (admission control), or None."""
-        now = time.perf_counter()
-        with self._waiting.mutex:
-            oldest = self._waiting.queue[0].created if self._waiting.queue else None
-        # every open stream counts against the capacity, also one whose text has not arrived yet
-        # (a WebSocket session between its first input.text and its first sentence): counting only
-        # those decoding let a burst of new sessions all in at once
-        opened = [s for s in list(self._active) if not s.closed]
-        return self.policy.refuse(opened, None if oldest is None else now - oldest, now,
-                                  waiting=self.waiting, capacity=self.capacity.streams())
-
     def open(self, cfg: GenerationConfig, speed: float = 1.0,
              loop: asyncio.AbstractEventLoop | None = None, voice: str | None = None
              ) -> SpeechStream:
         """A new request whose text follows (`add_text`, `end_input`); `voice`: the speaker (None:
-        the voice's default). ConfigError for a config the engine cannot run; ServiceBusy when the
-        queue is full or the running streams cannot take more (`overloaded`)."""
-        self._admit(cfg)
+        the voice's default). It joins the admission queue. ConfigError for a config the engine
+        cannot run; ServiceBusy when the queue is full."""
+        self._check(cfg)
         return self._enqueue(SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop(),
                                           voice))
 
-    def _admit(self, cfg: GenerationConfig) -> None:
-        """The request's one validation and the admission check, before any work is done for it."""
+    def _check(self, cfg: GenerationConfig) -> None:
+        """The request's one validation and the queue's room, before any work is done for it."""
         self.tts.engine.check_config(cfg)
-        if (reason := self.overloaded()) is not None:
-            raise ServiceBusy(reason)
+        if len(self._queue) >= self.queue_size:
+            raise ServiceBusy(f"{len(self._queue)} requests are already waiting")
 
     def _enqueue(self, stream: SpeechStream) -> SpeechStream:
-        try:
-            self._waiting.put_nowait(stream)
-        except queue.Full:
-            raise ServiceBusy("the request queue is full") from None
+        with self._queue_lock:
+            if len(self._queue) >= self.queue_size:  # filled since _check
+                raise ServiceBusy(f"{len(self._queue)} requests are already waiting")
+            self._queue.append(stream)
         self.wake()
         return stream
 
@@ -128,16 +129,60 @@ class TTSService:
             for _ in range(steps):
                 self.capacity.record(n, seconds / steps, audio / steps)
 
+    # --- the frontend thread ------------------------------------------------------------------
+    def text_arrived(self, stream: SpeechStream) -> None:
+        """The stream has new text or its input has ended: phonemise it off the engine thread."""
+        self._texts.put(stream)
+
+    def _run_frontend(self) -> None:
+        while (stream := self._texts.get()) is not None:
+            if stream.closed or stream.failed is not None:
+                continue
+            try:
+                sentences, final = stream.take_sentences()
+                stream.add_plans([p for text in sentences
+                                  for p in self.tts.plan(text, voice=stream.voice)], final)
+            except Exception as exc:  # noqa: BLE001 — this request fails (engine thread), not others
+                stream.failed = exc
+            self.wake()
+
     # --- the engine thread --------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Admit from the queue's head while a stream is free; drop those that left; refuse those
+        that waited past max_queue_wait_s; tell the rest their position."""
+        now = time.perf_counter()
+        # every open stream counts, also one whose text has not arrived yet (a WebSocket session
+        # between its first input.text and its first sentence): counting only those decoding let
+        # a burst of new sessions all in at once
+        opened = [s for s in self._active if not s.closed]
+        capacity = self.capacity.streams()
+        with self._queue_lock:
+            for stream in [s for s in self._queue if s.cancelled]:  # left while waiting
+                self._queue.remove(stream)
+                self._close(stream, Event(EventKind.CANCELLED, stats=stream.summary()))
+            reason = None
+            while self._queue:
+                reason = (f"all {self.max_active} streams are taken"
+                          if len(opened) >= self.max_active
+                          else self.policy.hold(opened, now, capacity))
+                if reason is not None:
+                    break
+                stream = self._queue.popleft()
+                stream.admitted, stream.vocoder = now, self.tts.stream_decoder()
+                self._active.append(stream)
+                opened.append(stream)
+            while self._queue and now - self._queue[0].created > self.policy.max_queue_wait_s:
+                stream = self._queue.popleft()
+                error = ServiceBusy(f"waited {now - stream.created:.1f} s in the queue: {reason}")
+                self._close(stream, Event(EventKind.REFUSED, error=error, stats=stream.summary()))
+            for position, stream in enumerate(self._queue, 1):
+                if stream.position != position:
+                    stream.position = position
+                    stream.emit(Event(EventKind.QUEUED, position=position))
+
     def _run(self) -> None:
         while not self._stop:
-            while len(self._active) < self.max_active and not self._waiting.empty():
-                stream = self._waiting.get_nowait()
-                if stream.cancelled:  # left while waiting: never takes a slot
-                    self._close(stream, Event(EventKind.CANCELLED, stats=stream.summary()))
-                    continue
-                stream.vocoder = self.tts.stream_decoder()
-                self._active.append(stream)
+            self._admit()
             for stream in list(self._active):
                 self._advance_input(stream)
             self._active = [s for s in self._active if not s.closed]
@@ -165,13 +210,13 @@ class TTSService:
             if stream.cancelled:
                 self._close(stream, Event(EventKind.CANCELLED, stats=stream.summary()))
                 return
+            if stream.failed is not None:  # its text could not be phonemised
+                self._close(stream, Event(EventKind.ERROR, error=stream.failed))
+                return
             if stream.current is not None:
                 return
-            sentences, final = stream.take_sentences()
-            for text in sentences:
-                stream.queued.extend(self.tts.plan(text, voice=stream.voice))
-            if stream.queued:
-                plan = stream.queued.pop(0)
+            plan, final = stream.next_plan()
+            if plan is not None:
                 cfg = self.tts.generation_config(plan, stream.cfg)
                 seq = self.tts.engine.add(plan.prompt, cfg, self.tts.rule(plan))
                 stream.current = SentenceAudio(plan, seq, stream.sentences_started,
@@ -270,8 +315,7 @@ class TTSService:
               loop: asyncio.AbstractEventLoop | None = None, voice: str | None = None
               ) -> SpeechStream:
         """A whole-text request, phonemised once, here (ValueError now for unspeakable text)."""
-        self._admit(cfg)  # before phonemising: refusals stay cheap
+        self._check(cfg)  # before phonemising: refusals stay cheap
         stream = SpeechStream(self, cfg, speed, loop or asyncio.get_running_loop(), voice)
-        stream.queued.extend(self.tts.plan(text, voice=voice))  # the engine thread starts them in order
-        stream.end_input()
+        stream.add_plans(self.tts.plan(text, voice=voice), final=True)  # started in order
         return self._enqueue(stream)

@@ -60,7 +60,8 @@ function base64url(text) {
 }
 
 // One session on the WebSocket v1/audio/speech/stream: session.config, the text, input.done.
-// `on`: start(audio.start), audio(Int16Array), sentence(audio.done), done(session.done),
+// `on`: queued(session.queued: waiting for a stream, at message.position), start(audio.start),
+// audio(Int16Array), sentence(audio.done), done(session.done),
 // error(ApiError), closed(CloseEvent) when the socket ends without session.done.
 // The first error ends the session (closing the socket stops its generation on the server).
 export function openSession({ config, text, on }) {
@@ -88,7 +89,8 @@ export function openSession({ config, text, on }) {
       return;
     }
     const message = JSON.parse(event.data);
-    if (message.type === "audio.start") on.start(message);
+    if (message.type === "session.queued") on.queued(message);
+    else if (message.type === "audio.start") on.start(message);
     else if (message.type === "audio.done") on.sentence(message);
     else if (message.type === "session.done") {
       finish();

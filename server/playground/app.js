@@ -182,6 +182,9 @@ async function speak() {
     config: options(),
     text: $("text").value,
     on: {
+      queued(message) {
+        if (!live.stopped) setState("queued", `Queued: number ${message.position} in line…`);
+      },
       start(message) {
         live.sentences += 1;
         $("sentence").textContent = message.sentence_text;
