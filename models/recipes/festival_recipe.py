@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--mirror", default="", help="a copy of each checkpoint goes here")
     ap.add_argument("--shards", type=int, default=26, help="corpus shards: 1 valid + 25 train (~31 h)")
     ap.add_argument("--codec-steps", type=int, default=20000)
-    ap.add_argument("--codec-freeze", type=int, default=6000, help="tokenizer frozen from this step")
+    ap.add_argument("--codec-freeze", type=int, default=3000, help="tokenizer frozen from this step")
     ap.add_argument("--lm-steps", type=int, default=30000)
     ap.add_argument("--until", default="codec-gan", help="stop after this stage")
     args = ap.parse_args(argv)
