@@ -50,6 +50,21 @@ _FLAGS: list[tuple[str, dict]] = [
     ("--api-key", {"help": "require 'Authorization: Bearer KEY' (prefer SPECTTS_API_KEY: flags "
                            "show in the process list)"}),
     ("--log-level", {"choices": ("critical", "error", "warning", "info", "debug")}),
+    # scale-out on Ray Serve (server/scale_out.py, the `ray` extra)
+    ("--replicas", {"type": int, "help": "Ray Serve replicas, one engine each (default 1: no Ray)"}),
+    ("--ray-address", {"help": "deploy to this Ray cluster (default: start a local one)"}),
+    ("--replica-num-cpus", {"type": float, "help": "CPUs per replica (default 1)"}),
+    ("--replica-num-gpus", {"type": float, "help": "GPUs per replica (default 0)"}),
+    ("--replica-max-ongoing", {"type": int, "help": "Serve's max_ongoing_requests per replica "
+                                                    "(default: measured capacity + 1)"}),
+    ("--replica-max-queued", {"type": int, "help": "Serve's max_queued_requests (default 4)"}),
+    ("--min-replicas", {"type": int, "help": "autoscaling: fewest replicas (default 1)"}),
+    ("--max-replicas", {"type": int, "help": "autoscaling: most replicas (default: no "
+                                             "autoscaling)"}),
+    ("--target-ongoing", {"type": float, "help": "autoscaling: requests per replica (default: "
+                                                 "half the measured capacity)"}),
+    ("--ray-metrics-port", {"type": int, "help": "local Ray cluster's Prometheus port "
+                                                 "(default 8080)"}),
 ]
 
 
@@ -84,6 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.replicas > 1 or settings.max_replicas or settings.ray_address:
+        from server.ray_launcher import serve_on_ray  # the `ray` extra; never imported otherwise
+
+        return serve_on_ray(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level, timeout_graceful_shutdown=10)
     return 0
