@@ -117,3 +117,11 @@ def test_image_adds_the_ray_extra_to_the_server_image():
     result = subprocess.run([exe, "--no-color", "Dockerfile"], cwd=KUBERAY, capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_single_process_server_never_imports_ray():
+    code = ("import sys; from server.app import create_app; from server.cli import cmd_serve; "
+            "from engine.cli import build_parser; build_parser(); "
+            "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120,
+                   env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})

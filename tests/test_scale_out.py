@@ -381,7 +381,13 @@ def stream_long(url: str, out: dict, key: int) -> None:
 def test_killed_replica_ends_its_streams_others_complete_and_serve_restarts_it(cluster, http):
     before = cluster.replica_pids()
     out: dict[int, tuple] = {}
+    sockets: dict[int, dict] = {}
+
+    def socket_long(i: int) -> None:
+        sockets[i] = asyncio.run(ws_session(ws_url(cluster), LONG, timeout=60))
+
     threads = [threading.Thread(target=stream_long, args=(cluster.url, out, i)) for i in range(4)]
+    threads += [threading.Thread(target=socket_long, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
         time.sleep(0.2)
@@ -401,6 +407,12 @@ def test_killed_replica_ends_its_streams_others_complete_and_serve_restarts_it(c
     assert all(v[3] - killed_at < 10 for v in out.values() if not v[1]), out  # ended at once
     full = {v[2] for v in out.values() if v[1]}
     assert len(full) == 1 and full.pop() > max(v[2] for v in out.values() if not v[1])
+    for session in sockets.values():  # WebSockets: an error message and close 1011, or complete
+        if session["replica"] in failed:
+            assert session["events"][-1]["error"]["code"] == "replica_failed", session["events"]
+            assert session["close"] == 1011
+        elif session["replica"] in completed:
+            assert session["events"][-1]["status"] == "completed"
 
     deadline = time.monotonic() + 30  # healthy again within 30 s
     while True:
