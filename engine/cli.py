@@ -8,6 +8,7 @@ import sys
 from dataclasses import replace
 
 from engine.sampling import SamplingParams
+from engine.train_heads import add_parser as add_train_heads_parser, cmd_train_heads
 from server.cli import add_serve_parser, cmd_serve
 from engine.types import ACCEPTS, DECODINGS, DEFAULT_BETA, PHONEME_DURATIONS, GenerationConfig
 
@@ -77,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--codec", default=None, help="the checkpoint's codec directory (SNAC 24 kHz)")
     syn.add_argument("--draft", default=None, help="a smaller Llama with the checkpoint's "
                                                    "vocabulary (--decoding draft)")
+    syn.add_argument("--heads", default=None, help="draft heads trained for the checkpoint "
+                                                   "(spectts train-heads; --decoding heads)")
     syn.add_argument("--voice", default=None, help="the speaker (Orpheus: tara, leah, …; default: "
                                                    "the checkpoint's first)")
     syn.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -89,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.set_defaults(max_new_tokens=10**6, temperature=None, top_k=None, top_p=None,
                      repetition_penalty=None, repetition_window=None)
     add_serve_parser(sub)
+    add_train_heads_parser(sub)
 
     ben = sub.add_parser("bench", help="run a benchmark: engine | load | voice (bench/*.py); "
                                        "arguments after the name go to it")
@@ -145,7 +149,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise ValueError("give either a text or --text-file")
     texts = ([args.text] if args.text is not None
              else Path(args.text_file).read_text(encoding="utf-8").splitlines())
-    tts = load_tts(args.bundle or DEFAULT_VOICE, args.codec, args.draft, device=args.device,
+    tts = load_tts(args.bundle or DEFAULT_VOICE, args.codec, args.draft, args.heads,
+                   device=args.device,
                    phoneme_durations=args.phoneme_durations)
     if args.voice is not None and args.voice not in tts.voices:
         raise ValueError(f"unknown voice {args.voice!r}; this voice has {', '.join(tts.voices)}")
@@ -172,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "synth": cmd_synth, "serve": cmd_serve,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "train-heads": cmd_train_heads}[args.command](args)
     except (ValueError, OSError) as exc:
         print(f"spectts {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,8 @@ _FLAGS: list[tuple[str, dict]] = [
                           "Orpheus-family checkpoint (with --codec)"}),
     ("--codec", {"help": "the checkpoint's codec directory (SNAC 24 kHz for Orpheus)"}),
     ("--draft", {"help": "a smaller Llama with the checkpoint's vocabulary (decoding 'draft')"}),
+    ("--heads", {"help": "draft heads trained for the checkpoint by `spectts train-heads` "
+                         "(decoding 'heads')"}),
     ("--device", {"choices": ("cpu", "cuda", "auto"), "help": "default auto"}),
     ("--threads", {"type": int, "help": "torch threads (default 1 on CPU)"}),
     ("--max-len", {"type": int, "help": "KV cache length per sequence (default 4096)"}),
@@ -87,7 +89,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = settings_from_args(args)
-    preflight(settings.bundle, settings.codec, settings.draft)  # ValueError: one line, exit 2
+    preflight(settings.bundle, settings.codec, settings.draft, settings.heads)  # ValueError: one line, exit 2
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
