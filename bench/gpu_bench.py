@@ -31,7 +31,7 @@ from engine.sampling import SamplingParams
 from engine.types import GenerationConfig
 from models.bundle import Bundle, HeadsSpec
 from models.heads import DraftHeads
-from models.llama import LlamaConfig, LlamaForCausalLM, built, param_count
+from models.llama import LlamaConfig, LlamaForCausalLM, built, init_weights, param_count
 from models.voices import orpheus
 from models.voices.random_orpheus import ORPHEUS_CONFIG
 
@@ -42,24 +42,11 @@ SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
 ROWS = (1, 2, 4, 8, 16)
 
 
-@torch.no_grad()
-def randomize(module: torch.nn.Module, std: float, seed: int) -> None:
-    """Normal weights drawn on the module's own device (no host copy of 3B parameters)."""
-    torch.manual_seed(seed)
-    for name, p in module.named_parameters():
-        if name.endswith("norm.weight"):
-            p.fill_(1.0)
-        elif name.endswith(".bias"):
-            p.zero_()
-        else:
-            p.normal_(0.0, std)
-
-
 def build(shape: dict, draft_layers: int, num_heads: int, device: torch.device,
           dtype: torch.dtype, std: float = 0.02) -> Bundle:
     cfg = LlamaConfig.from_dict({**ORPHEUS_CONFIG, **shape})
     target = built(lambda: LlamaForCausalLM(cfg), device, dtype).eval()
-    randomize(target, std, seed=0)
+    init_weights(target, std, seed=0)
     draft_cfg = LlamaConfig.from_dict({**ORPHEUS_CONFIG, **shape,
                                        "num_hidden_layers": draft_layers})
     draft = built(lambda: LlamaForCausalLM(draft_cfg), device, dtype).eval()
@@ -67,7 +54,7 @@ def build(shape: dict, draft_layers: int, num_heads: int, device: torch.device,
     draft.load_state_dict({k: v for k, v in target.state_dict().items() if k in own})
     heads = built(lambda: DraftHeads(num_heads, cfg.hidden_size, cfg.vocab_size), device,
                   dtype).eval()
-    randomize(heads, std, seed=1)
+    init_weights(heads, std, seed=1)
     return Bundle(path=Path("."), target=target, draft=draft, heads=heads,
                   heads_spec=HeadsSpec(num_heads=num_heads))
 

@@ -52,7 +52,7 @@ class Generations:
     tokens: torch.Tensor  # (N,) ids
     answer: torch.Tensor  # (N,) bool: generated (a forced token included)
     free: torch.Tensor  # (N,) bool: generated and chosen by the target (not forced)
-    mask_of: torch.Tensor  # (N,) long: the allowed set at this position (index into allowed), -1 any
+    mask_of: torch.Tensor  # (N,) long: the allowed set here (index into allowed), -1: any
     allowed: list[torch.Tensor]  # per allowed set, its ids (A,) ascending
     seq: torch.Tensor  # (N,) long: which sequence
 
@@ -82,7 +82,8 @@ def generate(tts, texts: list[str], voices: list[str], cfg: GenerationConfig
     """(prompt, answer, rule) of every sentence of every text, the voices in turn."""
     from engine.tts import decode_plans
 
-    plans = [p for i, text in enumerate(texts) for p in tts.plan(text, voice=voices[i % len(voices)])]
+    plans = [p for i, text in enumerate(texts)
+             for p in tts.plan(text, voice=voices[i % len(voices)])]
     results = decode_plans(tts, plans, cfg)
     return [(p.prompt, r.tokens, tts.rule(p)) for p, r in zip(plans, results)]
 
@@ -92,8 +93,9 @@ def record(target: LlamaForCausalLM, sequences) -> Generations:
     """One causal forward of the target per sequence, and the rule's constraint at every answer
     position (walked along the answer as decoding walked it)."""
     device = target.lm_head.weight.device
-    parts: dict[str, list] = {k: [] for k in ("hidden", "tokens", "answer", "free", "mask_of", "seq")}
-    masks: dict[int, int] = {}  # id of an allowed tensor -> its index
+    parts: dict[str, list] = {k: [] for k in ("hidden", "tokens", "answer", "free", "mask_of",
+                                              "seq")}
+    masks: dict[int, tuple[int, torch.Tensor]] = {}  # id of an allowed tensor -> index, tensor
     allowed: list[torch.Tensor] = []
     for i, (prompt, answer, rule) in enumerate(sequences):
         ids = torch.tensor([prompt + answer], device=device)
@@ -105,10 +107,10 @@ def record(target: LlamaForCausalLM, sequences) -> Generations:
             if c.allowed is None:
                 mask_of.append(-1)
             else:
-                if id(c.allowed) not in masks:
-                    masks[id(c.allowed)] = len(allowed)
+                if id(c.allowed) not in masks:  # (the tensor kept: its id stays its own)
+                    masks[id(c.allowed)] = (len(allowed), c.allowed)
                     allowed.append(c.allowed.to(device).nonzero()[:, 0])
-                mask_of.append(masks[id(c.allowed)])
+                mask_of.append(masks[id(c.allowed)][0])
             state = rule.advance(state, token)
         n = len(prompt)
         parts["tokens"].append(ids[0])

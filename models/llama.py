@@ -436,14 +436,20 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
 
 
 def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Random initialisation (normal std for linears and embeddings) with a fixed seed."""
+    """Random initialisation (normal std for linears and embeddings) with a fixed seed. Parameters
+    on an accelerator are drawn there (a 3B model never passes through the host)."""
     gen = torch.Generator().manual_seed(seed)
+    device_gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
+            elif p.device.type != "cpu":
+                if p.device not in device_gens:
+                    device_gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                p.normal_(0.0, std, generator=device_gens[p.device])
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 

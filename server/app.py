@@ -44,8 +44,7 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     if threads:
         set_threads(threads)
     tts = load_tts(settings.bundle, settings.codec, settings.draft, settings.heads,
-                   device=str(device),
-                   max_batch=settings.max_batch, max_len=settings.max_len,
+                   device=str(device), max_batch=settings.max_batch, max_len=settings.max_len,
                    prefix_blocks=settings.prefix_cache_blocks,
                    phoneme_coverage=settings.phoneme_coverage,
                    phoneme_durations=settings.phoneme_durations)
