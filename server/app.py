@@ -43,8 +43,8 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     threads = settings.torch_threads(device.type)
     if threads:
         set_threads(threads)
-    tts = load_tts(settings.bundle, settings.codec, settings.draft, device=str(device),
-                   max_batch=settings.max_batch, max_len=settings.max_len,
+    tts = load_tts(settings.bundle, settings.codec, settings.draft, settings.heads,
+                   device=str(device), max_batch=settings.max_batch, max_len=settings.max_len,
                    prefix_blocks=settings.prefix_cache_blocks,
                    phoneme_coverage=settings.phoneme_coverage,
                    phoneme_durations=settings.phoneme_durations, runner=settings.runner)

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
                                "for Orpheus-family checkpoints); unset: bundle is a voice bundle")
     draft: Path | None = Field(None, description="a smaller Llama with the checkpoint's vocabulary, "
                                "for decoding 'draft' (checkpoints served with codec)")
+    heads: Path | None = Field(None, description="draft heads trained for the checkpoint "
+                               "(`spectts train-heads --out DIR`), for decoding 'heads' "
+                               "(checkpoints served with codec)")
     device: Device = Field("auto", description="where the model runs (auto: CUDA when available)")
     threads: int | None = Field(None, ge=1, description="torch threads; default 1 on CPU")
     max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")

