@@ -2,6 +2,7 @@
 # SpecTTS on a fresh machine:
 #   bash run.sh test    set up .venv and run the tests
 #   bash run.sh serve   set up .venv and serve the default voice on port 8000
+#                       (--replicas N: N engines on Ray Serve, the `ray` extra installed)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,28 +31,36 @@ system_packages() {
 }
 
 setup() {
-    system_packages "${1:-}"
+    # $1: the extras to install (tests: test and ray, for the Ray Serve tests); $2 = test: also the
+    # Debian packages only the tests need
+    local extras=$1
+    system_packages "${2:-}"
     if [ ! -x .venv/bin/python ]; then
         python3 -m venv .venv
     fi
     local stamp=.venv/.setup-stamp want
-    want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+    want="$(sha256sum pyproject.toml | cut -d' ' -f1) $extras"
     if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
         .venv/bin/pip install --quiet --upgrade pip
-        .venv/bin/pip install --quiet -e ".[test]"
+        .venv/bin/pip install --quiet -e ".[$extras]"
         echo "$want" > "$stamp"
     fi
 }
 
 case "${1:-}" in
     test)
-        setup test
+        setup test,ray test
         shift
+        export RAY_USAGE_STATS_ENABLED=0
         exec .venv/bin/python -m pytest "$@"
         ;;
     serve)
-        setup
         shift
+        extras=test  # and Ray Serve when asked for replicas (README "Scale-out")
+        case " $* ${SPECTTS_REPLICAS:+--replicas} ${SPECTTS_RAY_ADDRESS:+--ray-address} " in
+            *" --replicas"*|*" --max-replicas"*|*" --ray-address"*) extras=test,ray ;;
+        esac
+        setup "$extras"
         exec .venv/bin/spectts serve --host 0.0.0.0 --port 8000 "$@"
         ;;
     *)

@@ -1,11 +1,14 @@
 """Load benchmark: N concurrent WebSocket clients against a real server process over loopback.
 
     .venv/bin/python -m bench.load [--clients 1,4,16,32] [--requests-per-client 3] [--threads 1]
-                                   [--modes batched,single]
+                                   [--modes batched,single] [--replicas 1,2] [--url URL]
 
 For each mode it starts `spectts serve` (its own process, --threads torch threads) on a free loopback
 port: `batched` is the continuous-batching scheduler (--max-batch slots), `single` the same server
-with --max-batch 1 (one request at a time, the others queued). Then for each N it runs N clients at
+with --max-batch 1 (one request at a time, the others queued). `--replicas 1,2` instead starts
+`spectts serve --replicas R` on Ray Serve for each R (R = 1 also on Ray: one replica, so that the
+rows differ only in the replica count; --replica-num-cpus per replica); `--url` measures a server
+that is already running (e.g. on a cluster) and starts nothing. Then for each N it runs N clients at
 once; each speaks held-out sentences one session at a time over /v1/audio/speech/stream. A session
 refused at capacity (admission control, "server_busy") is retried after the server's retry_after, as
 a client honouring Retry-After would (`--no-retry`: it is dropped), so every client keeps offering
@@ -143,8 +146,8 @@ async def run_level(url: str, n: int, per_client: int, sentences: list[str], rat
             "audio_seconds_per_second": sum(r["audio"] for r in ok) / wall}
 
 
-def serve(args: argparse.Namespace, max_batch: int):
-    """Start a server process; returns (process, port) once it is ready."""
+def serve(args: argparse.Namespace, max_batch: int, replicas: int | None = None):
+    """Start a server process (`replicas`: on Ray Serve); returns (process, port) once ready."""
     import httpx
 
     port = free_port()
@@ -153,6 +156,10 @@ def serve(args: argparse.Namespace, max_batch: int):
            "--accept", args.accept, "--log-level", "warning"]
     if args.bundle:
         cmd += ["--bundle", args.bundle]
+    if replicas is not None:  # min = max: a fixed count, through Ray even for one replica
+        cmd += ["--replicas", str(replicas), "--min-replicas", str(replicas), "--max-replicas",
+                str(replicas), "--replica-num-cpus", str(args.replica_num_cpus),
+                "--ray-metrics-port", str(free_port())]
     server = subprocess.Popen(cmd)
     deadline = time.time() + 300
     while True:
@@ -180,23 +187,37 @@ def main() -> None:
     ap.add_argument("--bundle", default=None)
     ap.add_argument("--no-retry", dest="retry", action="store_false",
                     help="drop a refused session instead of retrying it after retry_after")
+    ap.add_argument("--replicas", default=None, help="e.g. 1,2: Ray Serve replicas per run "
+                                                       "(instead of --modes)")
+    ap.add_argument("--replica-num-cpus", type=float, default=1.0)
+    ap.add_argument("--url", default=None, help="a running server (http://host:port): start none")
     ap.add_argument("--out", default="bench/results/load.json")
     args = ap.parse_args()
     import httpx
 
     levels = [int(x) for x in args.clients.split(",")]
-    modes = args.modes.split(",")
+    if args.url:
+        modes = ["url"]
+    elif args.replicas:
+        modes = [f"r{int(r)}" for r in args.replicas.split(",")]
+    else:
+        modes = args.modes.split(",")
     sentences = load_eval_sentences()
     offline = capacities_for_load(args, levels, modes, sentences)
     rows, chosen = [], None
     bar = tqdm(total=len(levels) * len(modes), desc="load levels")
     for mode in modes:
-        server, port = serve(args, args.max_batch if mode == "batched" else 1)
+        if mode == "url":
+            server, base = None, args.url.rstrip("/")
+        else:
+            replicas = int(mode[1:]) if args.replicas else None
+            server, port = serve(args, args.max_batch if mode != "single" else 1, replicas)
+            base = f"http://127.0.0.1:{port}"
         try:
-            chosen = httpx.get(f"http://127.0.0.1:{port}/ready").json().get("default")
-            voices = httpx.get(f"http://127.0.0.1:{port}/v1/audio/voices").json()["voices"]
+            chosen = httpx.get(f"{base}/ready").json().get("default")
+            voices = httpx.get(f"{base}/v1/audio/voices").json()["voices"]
             rate = int(voices[0].get("sample_rate", 22050))
-            url = f"ws://127.0.0.1:{port}/v1/audio/speech/stream"
+            url = base.replace("http", "ws", 1) + "/v1/audio/speech/stream"
             for n in levels:
                 row = asyncio.run(run_level(url, n, args.requests_per_client, sentences, rate,
                                             args.retry))
@@ -208,12 +229,14 @@ def main() -> None:
                              / base["audio_seconds_per_second"]})
                 bar.update()
         finally:
-            server.terminate()
-            server.wait(timeout=30)
+            if server is not None:
+                server.terminate()  # a Ray launcher stops its whole cluster on SIGTERM
+                server.wait(timeout=120)
     bar.close()
     print(f"\nserver: {args.threads} torch thread(s), decoding {args.decoding}/{args.accept} "
           f"({chosen}); "
-          f"batched = --max-batch {args.max_batch}, single = --max-batch 1; "
+          f"batched = --max-batch {args.max_batch}, single = --max-batch 1, rN = N Ray Serve "
+          f"replicas of {args.replica_num_cpus:g} CPU, url = {args.url}; "
           f"{args.requests_per_client} sentences per client, refused sessions "
           f"{'retried after retry_after' if args.retry else 'dropped'}; TTFA from admission, queue: "
           f"wait before it; offline: engine + vocoder batched at min(N, max batch), same voice, threads "

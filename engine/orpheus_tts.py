@@ -8,7 +8,8 @@ the CLI run it unchanged. The
 family's knowledge (prompt, token layout, rule, defaults) lives in `models.voices.orpheus`; the codec
 in `models.snac_codec`. A *frame* here is one SNAC frame: 7 LM tokens, 2048 samples at 24 kHz.
 
-`load_tts` picks the class: an Orpheus-layout checkpoint with a `codec` directory, else a bundle.
+`load_tts` picks the class by the checkpoint's family (`models.voices.families`): Orpheus with a
+`codec` directory, else a bundle.
 """
 
 from __future__ import annotations
@@ -40,21 +41,33 @@ class OrpheusTTS:
     def __init__(self, bundle_path: str | Path, codec_path: str | Path, device: str = "cpu",
                  max_batch: int = 8, max_len: int = 4096, prefix_blocks: int = 0,
                  draft_path: str | Path | None = None, lookahead_latents: int | None = None,
-                 runner: str = "auto") -> None:
-        """bundle_path: the checkpoint (config.json, safetensors, tokenizer.json); codec_path: a
-        SNAC directory; draft_path: a smaller Llama with the same vocabulary (decoding "draft");
-        runner: how the networks' forwards run (`models.runners`), chosen once here.
-        ValueError naming what is missing or wrong."""
+                 heads_path: str | Path | None = None, runner: str = "auto") -> None:
+        """bundle_path: the checkpoint (config.json, safetensors, tokenizer.json, and optionally
+        spectts-family.json naming its voices); codec_path: a SNAC directory; draft_path: a smaller
+        Llama with the same vocabulary (decoding "draft"); heads_path: draft heads trained for this
+        checkpoint (`spectts train-heads`; decoding "heads"); runner: how the networks' forwards
+        run (`models.runners`), chosen once here. Weights run in their stored bf16 / fp16 on CUDA,
+        float32 on the CPU. ValueError naming what is missing or wrong."""
         from tokenizers import Tokenizer
 
         from models.snac_codec import SnacCodec
+        from models.voices.families import read_profile
+        from models.voices.heads_files import load_heads
 
         bundle_path = Path(bundle_path)
         orpheus.check_checkpoint(bundle_path)
+        profile = read_profile(bundle_path)
+        if profile is not None and profile.family != "orpheus":
+            raise ValueError(f"{bundle_path}: its profile names the family {profile.family!r}, "
+                             f"not 'orpheus'")
         dev = resolve_device(device)
         bundle = load_bundle(bundle_path, dev)
+        dtype = bundle.target.lm_head.weight.dtype
+        if heads_path is not None:
+            bundle.heads, bundle.heads_spec = load_heads(heads_path, bundle.target)
         if draft_path is not None:
-            draft = LlamaForCausalLM.from_pretrained(_hf_dir(Path(draft_path), "draft"), dev)
+            draft = LlamaForCausalLM.from_pretrained(_hf_dir(Path(draft_path), "draft"), dev,
+                                                     dtype)
             if draft.config.vocab_size != bundle.target.config.vocab_size:
                 raise ValueError(f"the draft model's vocabulary ({draft.config.vocab_size}) differs "
                                  f"from the checkpoint's ({bundle.target.config.vocab_size})")
@@ -71,8 +84,8 @@ class OrpheusTTS:
         self.hop = self.codec.samples_per_frame  # samples per frame
         self.lookahead_samples = self.codec.lookahead_samples
         self.name = bundle_path.name
-        self.voices = orpheus.VOICES
-        self.default_voice = orpheus.DEFAULT_VOICE
+        self.voices = (profile and profile.voices) or orpheus.VOICES
+        self.default_voice = self.voices[0]
         self.sampling_defaults = SamplingParams(**orpheus.SAMPLING)
         self._rule = orpheus.OrpheusRule(orpheus.slot_masks(self.engine.vocab_size))
 
@@ -156,11 +169,17 @@ def _hf_dir(path: Path, what: str) -> Path:
 
 
 def preflight(bundle_path: str | Path, codec_path: str | Path | None,
-              draft_path: str | Path | None = None) -> None:
+              draft_path: str | Path | None = None, heads_path: str | Path | None = None) -> None:
     """The checks `load_tts` starts with, without loading weights: a server refuses to start with
     one clear line (ValueError) instead of failing in its background load."""
     from models.snac_codec import SnacCodec
+    from models.voices.families import read_profile
+    from models.voices.heads_files import check_dir
 
+    if Path(bundle_path).is_dir():
+        read_profile(bundle_path)
+    if heads_path is not None:
+        check_dir(heads_path)
     if codec_path is None:
         return
     orpheus.check_checkpoint(Path(bundle_path))
@@ -170,20 +189,26 @@ def preflight(bundle_path: str | Path, codec_path: str | Path | None,
 
 
 def load_tts(bundle_path: str | Path, codec_path: str | Path | None = None,
-             draft_path: str | Path | None = None, **kwargs):
+             draft_path: str | Path | None = None, heads_path: str | Path | None = None,
+             **kwargs):
     """An `OrpheusTTS` when a codec is given (the checkpoint must have Orpheus's layout), else a
-    `TextToSpeech` of a voice bundle. kwargs: the constructors' shared options (device, max_batch,
-    max_len, prefix_blocks) and TextToSpeech's own (phoneme_coverage, phoneme_durations)."""
+    `TextToSpeech` of a voice bundle (`models.voices.families`). kwargs: the constructors' shared
+    options (device, max_batch, max_len, prefix_blocks, runner) and TextToSpeech's own
+    (phoneme_coverage, phoneme_durations)."""
+    from models.voices.families import family_of
+
     if codec_path is not None:
         for own in ("phoneme_coverage", "phoneme_durations"):
             kwargs.pop(own, None)  # interleaved voices' settings: nothing to do here
-        return OrpheusTTS(bundle_path, codec_path, draft_path=draft_path, **kwargs)
-    if orpheus.is_orpheus(Path(bundle_path)):
+        return OrpheusTTS(bundle_path, codec_path, draft_path=draft_path, heads_path=heads_path,
+                          **kwargs)
+    if Path(bundle_path).is_dir() and family_of(bundle_path) == "orpheus":
         raise ValueError(f"{bundle_path} is an Orpheus checkpoint: give its SNAC 24 kHz codec "
                          f"directory with --codec")
-    if draft_path is not None:
-        raise ValueError("--draft is for checkpoints served with --codec; a voice bundle names its "
-                         "draft model in spectts.json")
+    for flag, given in (("--draft", draft_path), ("--heads", heads_path)):
+        if given is not None:
+            raise ValueError(f"{flag} is for checkpoints served with --codec; a voice bundle names "
+                             f"its draft model and heads in spectts.json")
     from engine.tts import TextToSpeech
 
     return TextToSpeech(bundle_path, **kwargs)

@@ -55,6 +55,16 @@ def decode_plans(tts, plans: list, cfg: GenerationConfig):
             [tts.rule(p) for p in group])
 
 
+def generate_answers(tts, texts: list[str], voices: list[str], cfg: GenerationConfig
+                     ) -> list[tuple[list[int], list[int], object]]:
+    """(prompt, answer, rule) of every sentence of every text, the voices in turn: a checkpoint's
+    own generations, what `models.recipes.train_heads` trains draft heads on."""
+    plans = [p for i, text in enumerate(texts)
+             for p in tts.plan(text, voice=voices[i % len(voices)])]
+    results = decode_plans(tts, plans, cfg)
+    return [(p.prompt, r.tokens, tts.rule(p)) for p, r in zip(plans, results)]
+
+
 def stretch(tokens: list[int], speed: float, done: int) -> tuple[list[int], int]:
     """Time-scale a frame stream by `speed` (2.0 = twice as fast) without changing pitch: output frame j
     shows input frame floor(j * speed). `done` counts output frames already produced; returns the new

@@ -136,7 +136,7 @@ class Rotary(nn.Module):
         if self.table.shape[0] < span:
             n = max(span, 2 * self.table.shape[0], 256)
             pos = torch.arange(n, device=self.inv_freq.device, dtype=torch.float32)
-            freqs = pos[:, None] * self.inv_freq  # (n, head_dim/2)
+            freqs = pos[:, None] * self.inv_freq.float()  # (n, head_dim/2), float32 in any dtype
             emb = torch.cat((freqs, freqs), dim=-1)  # (n, head_dim)
             sign = torch.ones_like(emb)
             sign[:, :emb.shape[-1] // 2] = -1.0
@@ -147,7 +147,9 @@ class Rotary(nn.Module):
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, heads, hd); cos, signed_sin (B, T, 1, hd) from `Rotary`. Equals transformers'
-    x * cos + rotate_half(x) * sin: rotate_half(x) = (-x2, x1) = roll(x, hd/2) * (-1 | +1)."""
+    x * cos + rotate_half(x) * sin: rotate_half(x) = (-x2, x1) = roll(x, hd/2) * (-1 | +1).
+    The float32 table is cast to x's dtype first, as transformers does (bf16 / fp16 weights)."""
+    cos, signed_sin = cos.to(x.dtype), signed_sin.to(x.dtype)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 
@@ -316,12 +318,17 @@ class LlamaForCausalLM(nn.Module):
     # --- Hugging Face directory layout -------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+                        dtype: torch.dtype | None = None) -> LlamaForCausalLM:
+        """dtype None: `load_dtype` (the checkpoint's bf16 / fp16 on CUDA, float32 on the CPU).
+        The model is built in that dtype on the device, so a 3B bf16 checkpoint never exists in
+        float32 (12 GB); rotary frequencies stay float32 as in transformers."""
         path = Path(path)
-        cfg = LlamaConfig.from_dict(json.loads((path / "config.json").read_text()))
-        model = cls(cfg)
+        raw = json.loads((path / "config.json").read_text())
+        cfg = LlamaConfig.from_dict(raw)
+        device = torch.device(device)
+        model = built(lambda: cls(cfg), device, dtype or load_dtype(raw, device))
         model.load_state_dict_hf(read_safetensors(path))
-        return model.to(device=device, dtype=dtype).eval()
+        return model.eval()
 
     def load_state_dict_hf(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load a transformers checkpoint: each of `hf_parameter_names` (ours are the same)."""
@@ -352,6 +359,30 @@ class LlamaForCausalLM(nn.Module):
                    for name in hf_parameter_names(self.config)
                    if not (name == "lm_head.weight" and self.config.tie_word_embeddings)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+HALF_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_dtype(raw_config: dict, device: str | torch.device) -> torch.dtype:
+    """The dtype a checkpoint runs in: on CUDA the one it is stored in when that is bf16 or fp16
+    (its config's `torch_dtype`); float32 otherwise, and always on the CPU (the compiled CPU
+    decoder and its kernels are float32)."""
+    if torch.device(device).type == "cuda":
+        return HALF_DTYPES.get(str(raw_config.get("torch_dtype")), torch.float32)
+    return torch.float32
+
+
+def built(make, device: str | torch.device, dtype: torch.dtype):
+    """`make()` (a module constructor) with its parameters created in `dtype` directly on `device`
+    (buffers computed in float32 where they ask for it, e.g. the rotary frequencies)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -387,14 +418,20 @@ def hf_parameter_names(cfg: LlamaConfig) -> list[str]:
 
 
 def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Random initialisation (normal std for linears and embeddings) with a fixed seed."""
+    """Random initialisation (normal std for linears and embeddings) with a fixed seed. Parameters
+    on an accelerator are drawn there (a 3B model never passes through the host)."""
     gen = torch.Generator().manual_seed(seed)
+    device_gens: dict[torch.device, torch.Generator] = {}
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
+            elif p.device.type != "cpu":
+                if p.device not in device_gens:
+                    device_gens[p.device] = torch.Generator(device=p.device).manual_seed(seed)
+                p.normal_(0.0, std, generator=device_gens[p.device])
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
 

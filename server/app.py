@@ -41,8 +41,8 @@ def load_voice(settings: Settings):
     threads = settings.torch_threads(device.type)
     if threads:
         set_threads(threads)
-    return load_tts(settings.bundle, settings.codec, settings.draft, device=str(device),
-                    max_batch=settings.max_batch, max_len=settings.max_len,
+    return load_tts(settings.bundle, settings.codec, settings.draft, settings.heads,
+                    device=str(device), max_batch=settings.max_batch, max_len=settings.max_len,
                     prefix_blocks=settings.prefix_cache_blocks,
                     phoneme_coverage=settings.phoneme_coverage,
                     phoneme_durations=settings.phoneme_durations, runner=settings.runner)

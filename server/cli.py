@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--codec", default=None, help="the checkpoint's codec directory (SNAC 24 kHz)")
     syn.add_argument("--draft", default=None, help="a smaller Llama with the checkpoint's "
                                                    "vocabulary (--decoding draft)")
+    syn.add_argument("--heads", default=None, help="draft heads trained for the checkpoint "
+                                                   "(spectts train-heads; --decoding heads)")
     syn.add_argument("--voice", default=None, help="the speaker (Orpheus: tara, leah, …; default: "
                                                    "the checkpoint's first)")
     syn.add_argument("--device", default="cpu", help="cpu | cuda | auto")
@@ -97,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     # each sentence is capped by its text; sampling defaults to the voice's (Orpheus samples)
     add_generation_flags(syn, voice_sampling=True, max_new_tokens=10**6)
     add_serve_parser(sub)
+    add_train_heads_parser(sub)
 
     ben = sub.add_parser("bench", help="run a benchmark: engine | load | voice (bench/*.py); "
                                        "arguments after the name go to it")
@@ -153,8 +156,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise ValueError("give either a text or --text-file")
     texts = ([args.text] if args.text is not None
              else Path(args.text_file).read_text(encoding="utf-8").splitlines())
-    tts = load_tts(args.bundle or DEFAULT_VOICE, args.codec, args.draft, device=args.device,
-                   phoneme_durations=args.phoneme_durations)
+    tts = load_tts(args.bundle or DEFAULT_VOICE, args.codec, args.draft, args.heads,
+                   device=args.device, phoneme_durations=args.phoneme_durations)
     if args.voice is not None and args.voice not in tts.voices:
         raise ValueError(f"unknown voice {args.voice!r}; this voice has {', '.join(tts.voices)}")
     cfg = generation_config(args, tts.sampling_defaults)
@@ -176,11 +179,89 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_train_heads_parser(subparsers) -> argparse.ArgumentParser:
+    from models.recipes import train_heads
+
+    p = subparsers.add_parser("train-heads", help="train draft heads for a checkpoint from its own "
+                                                  "generations (MEDUSA-2 self-distillation)",
+                              description=train_heads.__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", required=True, help="the checkpoint (or a voice bundle)")
+    p.add_argument("--codec", default=None, help="its codec directory (Orpheus: SNAC 24 kHz)")
+    p.add_argument("--texts", required=True, help="a text file, one text per line")
+    p.add_argument("--out", required=True, help="the heads directory to write")
+    p.add_argument("--voices", default=None, help="comma-separated speakers taken in turn "
+                                                  "(default: all of the checkpoint's)")
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-rows", type=int, default=256, help="positions per head per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--loss", choices=("kl", "ce"), default="kl",
+                   help="kl: to the target's distributions; ce: on its generated tokens")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="generation temperature (default: the family's sampling)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="cap per sentence (default: the family's)")
+    p.add_argument("--valid-share", type=float, default=0.1, help="answers held out to measure")
+    p.add_argument("--tree-nodes", type=int, default=64, help="candidates in the serving tree")
+    p.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-batch", type=int, default=8, help="sentences generated together")
+    p.add_argument("--max-len", type=int, default=4096, help="KV cache length per sequence")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def cmd_train_heads(args: argparse.Namespace) -> int:
+    """The checkpoint speaks --texts (the engine), then `models.recipes.train_heads` trains and
+    writes the heads."""
+    import time
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from engine.orpheus_tts import load_tts
+    from engine.threads import set_threads
+    from engine.tts import generate_answers
+    from models.recipes.train_heads import train_heads
+
+    def log(message: str) -> None:
+        print(f"train-heads: {message}", file=sys.stderr, flush=True)
+
+    if args.threads:
+        set_threads(args.threads)
+    texts = [t for t in Path(args.texts).read_text(encoding="utf-8").splitlines() if t.strip()]
+    if not texts:
+        raise ValueError(f"{args.texts} has no text")
+    if args.num_heads < 1 or args.steps < 1:
+        raise ValueError("--num-heads and --steps must be >= 1")
+    tts = load_tts(args.bundle, args.codec, device=args.device, max_batch=args.max_batch,
+                   max_len=args.max_len)
+    voices = args.voices.split(",") if args.voices else list(tts.voices)
+    unknown = [v for v in voices if v not in tts.voices]
+    if unknown:
+        raise ValueError(f"unknown voices {unknown}; this checkpoint has {', '.join(tts.voices)}")
+    sampling = tts.sampling_defaults
+    if args.temperature is not None:
+        sampling = replace(sampling, temperature=args.temperature)
+    cfg = GenerationConfig(max_new_tokens=args.max_new_tokens or 10**6, sampling=sampling,
+                           seed=args.seed)
+    start = time.perf_counter()
+    sequences = generate_answers(tts, texts, voices, cfg)
+    log(f"generated {sum(len(a) for _, a, _ in sequences)} tokens for {len(sequences)} sentences "
+        f"in {time.perf_counter() - start:.1f} s")
+    metrics = train_heads(tts.engine.target, sequences, args.out, args.num_heads, args.steps,
+                          args.batch_rows, args.lr, args.loss, args.valid_share, args.tree_nodes,
+                          args.seed, log, about={"sampling": asdict(sampling)})
+    log(f"wrote {args.out} (top-1 accuracy by head {metrics['top1']})")
+    print(json.dumps({"out": str(args.out), **metrics}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "synth": cmd_synth, "serve": cmd_serve,
-                "bench": cmd_bench}[args.command](args)
+                "bench": cmd_bench, "train-heads": cmd_train_heads}[args.command](args)
     except (ValueError, OSError) as exc:
         print(f"spectts {args.command}: error: {exc}", file=sys.stderr)
         return 2

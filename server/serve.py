@@ -73,9 +73,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = settings_from_args(args)
-    preflight(settings.bundle, settings.codec, settings.draft)  # ValueError: one line, exit 2
+    # ValueError: one line, exit 2
+    preflight(settings.bundle, settings.codec, settings.draft, settings.heads)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.replicas > 1 or settings.max_replicas or settings.ray_address:
+        from server.ray_launcher import serve_on_ray  # the `ray` extra; never imported otherwise
+
+        return serve_on_ray(settings)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level, timeout_graceful_shutdown=10)
     return 0

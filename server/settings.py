@@ -47,6 +47,9 @@ class Settings(BaseSettings):
                                "for Orpheus-family checkpoints); unset: bundle is a voice bundle")
     draft: Path | None = Field(None, description="a smaller Llama with the checkpoint's vocabulary, "
                                "for decoding 'draft' (checkpoints served with codec)")
+    heads: Path | None = Field(None, description="draft heads trained for the checkpoint "
+                               "(`spectts train-heads --out DIR`), for decoding 'heads' "
+                               "(checkpoints served with codec)")
     device: Device = Field("auto", description="where the model runs (auto: CUDA when available)")
     threads: int | None = Field(None, ge=1, description="torch threads; default 1 on CPU")
     max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")
@@ -108,6 +111,28 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(300.0, gt=0, description="a request still generating after "
                                                               "this long is cancelled")
     retry_after_s: int = Field(1, ge=0, description="Retry-After sent with 503 (at capacity)")
+
+    # --- scale-out on Ray Serve (server/scale_out.py; needs the `ray` extra) ----------------------
+    replicas: int = Field(1, ge=1, description="Ray Serve replicas of this server, one engine each "
+                                               "(1 without ray_address: no Ray, one process)")
+    ray_address: str | None = Field(None, description="deploy to this Ray cluster (e.g. "
+                                    "ray://head:10001 or auto); unset: start a local one")
+    replica_num_cpus: float = Field(1.0, ge=0, description="CPUs Ray reserves per replica")
+    replica_num_gpus: float = Field(0.0, ge=0, description="GPUs Ray reserves per replica")
+    replica_max_ongoing: int | None = Field(None, ge=1, description="Serve's max_ongoing_requests: "
+                                            "requests (a WebSocket: its whole connection) one "
+                                            "replica takes at once; unset: the streams a replica "
+                                            "keeps ahead of real time, measured at start, + 1")
+    replica_max_queued: int = Field(4, ge=1, description="Serve's max_queued_requests: requests "
+                                    "waiting for a free replica; beyond: 503 + Retry-After")
+    min_replicas: int = Field(1, ge=0, description="autoscaling: fewest replicas")
+    max_replicas: int | None = Field(None, ge=1, description="autoscaling between min_replicas and "
+                                     "this (starting at replicas); unset: a fixed count")
+    target_ongoing: float | None = Field(None, gt=0, description="autoscaling: requests per "
+                                         "replica Serve aims for; unset: half a replica's "
+                                         "measured capacity")
+    ray_metrics_port: int = Field(8080, ge=0, le=65535, description="local Ray cluster: port of "
+                                  "Ray's Prometheus export (spectts_* of every replica, Serve's own)")
 
     # --- access -------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(None, description="when set, every route but /health, "

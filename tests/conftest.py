@@ -10,6 +10,16 @@ torch.set_num_threads(1)  # tests share a 2-core machine
 from models.voices.bundle import random_bundle  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip on a machine without a CUDA GPU."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (bench/gpu_check.sh)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def small_bundle():
     """Random target (2 layers, GQA 4:2), a 1-layer draft initialised from it, 4 draft heads."""

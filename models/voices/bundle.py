@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.heads import DraftHeads
-from models.llama import LlamaConfig, LlamaForCausalLM, init_weights
+from models.llama import LlamaConfig, LlamaForCausalLM, built, init_weights
 
 BUNDLE_FILE = "spectts.json"
 # the shipped voice (models/default_voice)
@@ -70,7 +70,9 @@ class Bundle:
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> Bundle:
+                dtype: torch.dtype | None = None) -> Bundle:
+    """dtype None: the target's `load_dtype` (its stored bf16 / fp16 on CUDA, else float32); the
+    draft model and heads follow the target's dtype (they share its caches and hidden states)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"bundle {path} is not a directory")
@@ -82,6 +84,7 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu",
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path / BUNDLE_FILE}: unknown format {raw.get('format')!r}")
     target = LlamaForCausalLM.from_pretrained(path / raw.get("target", "target"), device, dtype)
+    dtype = target.lm_head.weight.dtype
     draft = None
     if raw.get("draft"):
         draft = LlamaForCausalLM.from_pretrained(path / raw["draft"], device, dtype)
@@ -94,9 +97,11 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu",
                          accuracies_tolerance=h.get("accuracies_tolerance"),
                          tree_nodes=h.get("tree_nodes", 64),
                          tree=[tuple(p) for p in h["tree"]] if h.get("tree") else None)
-        heads = DraftHeads(spec.num_heads, target.config.hidden_size, target.config.vocab_size)
+        cfg = target.config
+        heads = built(lambda: DraftHeads(spec.num_heads, cfg.hidden_size, cfg.vocab_size),
+                      target.lm_head.weight.device, dtype)
         heads.load_state_dict(load_file(str(path / h.get("file", "heads.safetensors"))))
-        heads = heads.to(device=device, dtype=dtype).eval()
+        heads = heads.eval()
     tokens = TokenLayout.from_dict(raw["tokens"]) if raw.get("tokens") else None
     return Bundle(path=path, target=target, draft=draft, heads=heads, heads_spec=spec,
                   tokens=tokens, raw=raw)

@@ -49,8 +49,7 @@ AUDIO_END = AUDIO_BASE + SLOTS * CODES  # 156938: first id after the audio token
 SLOT_OF_COLUMN = (0, 1, 4, 2, 3, 5, 6)
 COLUMN_OF_SLOT = tuple(SLOT_OF_COLUMN.index(s) for s in range(SLOTS))
 
-VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")
-DEFAULT_VOICE = "tara"
+VOICES = ("tara", "leah", "jess", "leo", "dan", "mia", "zac", "zoe")  # the first is the default
 # orpheus_tts's generate_tokens_sync defaults, as the engine's SamplingParams fields; the window
 # covers a whole sentence and its prompt, as vLLM's penalty (every earlier token) does
 SAMPLING = {"temperature": 0.6, "top_p": 0.8, "repetition_penalty": 1.3,
