@@ -125,3 +125,20 @@ def test_the_single_process_server_never_imports_ray():
             "assert not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')]")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120,
                    env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_plain_resources_pass_kubernetes_schemas():
+    """The Ingress, and the RayService's pod templates (as core/v1 PodTemplates), pass the
+    Kubernetes OpenAPI schemas that kubernetes-validate ships, strictly (unknown fields fail)."""
+    kv = pytest.importorskip("kubernetes_validate")
+    version = kv.latest_version()
+    kv.validate(load("ingress.yaml"), version, strict=True)
+    spec = rayservice()["spec"]["rayClusterConfig"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for i, group in enumerate(groups):
+        kv.validate({"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"group-{i}"},
+                     "template": group["template"]}, version, strict=True)
+    broken = load("ingress.yaml")
+    broken["spec"]["rules"][0]["http"]["paths"][0]["pathType"] = 7
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, version, strict=True)
