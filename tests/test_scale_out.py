@@ -37,7 +37,7 @@ from test_server import BAD  # noqa: E402  (the server bar's bad inputs)
 pytestmark = pytest.mark.ray
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "Replicas speak the same words."
-LONG = "This sentence keeps a replica busy for a little while, long enough to stop it. " * 6
+LONG = "This sentence keeps a replica busy for a little while, long enough to stop it. " * 16
 
 
 def free_port() -> int:
