@@ -110,8 +110,14 @@ async def spoken(url: str, text: str, rate: int, retry: bool, give_up_s: float =
         try:
             r = await session(url, text, rate)
         except Exception as exc:  # noqa: BLE001 — a failed session is a measured error
-            r = {"error": repr(exc), "ttfa": None, "audio": 0.0, "rtf": None, "underrun": 0.0,
-                 "wall": 0.0, "refused": False, "retry_after": 0.0, "queue": 0.0, "position": 0}
+            # a handshake answered 503 (Ray Serve's back-pressure before any replica sees the
+            # socket) is a refusal like the server's own server_busy: retried after Retry-After
+            response = getattr(exc, "response", None)
+            busy = getattr(response, "status_code", None) == 503
+            after = float(response.headers.get("Retry-After", 1)) if busy else 0.0
+            r = {"error": None if busy else repr(exc), "ttfa": None, "audio": 0.0, "rtf": None,
+                 "underrun": 0.0, "wall": 0.0, "refused": busy, "retry_after": after,
+                 "queue": 0.0, "position": 0}
         if not r["refused"] or not retry or time.perf_counter() - start > give_up_s:
             return {**r, "refusals": refusals + r["refused"],
                     "wait": attempt - start + r["queue"]}
@@ -136,6 +142,7 @@ async def run_level(url: str, n: int, per_client: int, sentences: list[str], rat
     return {"clients": n, "sentences": len(results), "served": len(ok), "dropped": dropped,
             "refusals": sum(r["refusals"] for r in results),
             "errors": len(results) - len(ok) - dropped,
+            "error_kinds": sorted({str(r["error"])[:120] for r in results if r["error"]}),
             "ttfa_p50_ms": 1000 * statistics.median(ttfa) if ttfa else None,
             "ttfa_p95_ms": 1000 * q(ttfa, 95) if ttfa else None,
             "wait_p50_ms": 1000 * statistics.median(waits) if waits else None,
@@ -221,7 +228,7 @@ def main() -> None:
             for n in levels:
                 row = asyncio.run(run_level(url, n, args.requests_per_client, sentences, rate,
                                             args.retry))
-                base = offline[min(n, args.max_batch) if mode == "batched" else 1]
+                base = offline[min(n, args.max_batch) if mode != "single" else 1]
                 rows.append({"mode": mode, "default": chosen, **row,
                              "offline_audio_seconds_per_second": base["audio_seconds_per_second"],
                              "offline_batch": base["batch"],

@@ -65,7 +65,8 @@ def capacities_for_load(args: argparse.Namespace, levels: list[int], modes: list
                         **({"bundle": args.bundle} if args.bundle else {}))
     tts, cfg = load(settings)
     texts = [sentences[i % len(sentences)] for i in range(max(levels) * args.requests_per_client)]
-    batches = {min(n, args.max_batch) for n in levels} if "batched" in modes else set()
+    # every mode but "single" batches (a Ray replica or a running server too): one engine's figure
+    batches = {min(n, args.max_batch) for n in levels} if set(modes) - {"single"} else set()
     batches |= {1} if "single" in modes else set()
     out = {}
     for b in tqdm(sorted(batches), desc="offline capacity"):
