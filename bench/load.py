@@ -67,10 +67,13 @@ async def session(url: str, text: str, sample_rate: int) -> dict:
     import websockets
 
     async with websockets.connect(url, max_size=None) as ws:
-        await ws.send(json.dumps({"type": "session.config", "response_format": "pcm"}))
         start = time.perf_counter()
-        await ws.send(json.dumps({"type": "input.text", "text": text}))
-        await ws.send(json.dumps({"type": "input.done"}))
+        try:
+            await ws.send(json.dumps({"type": "session.config", "response_format": "pcm"}))
+            await ws.send(json.dumps({"type": "input.text", "text": text}))
+            await ws.send(json.dumps({"type": "input.done"}))
+        except websockets.ConnectionClosed:
+            pass  # refused at once (server_busy, then close 1013): its message is still to be read
         first, audio, arrivals, error, refused, retry_after = None, 0.0, [], None, False, 1.0
         queue_wait, position = 0.0, 0  # seconds queued (the server's stats), furthest place in line
         while True:
