@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from models.voices.frontend import PhonemeVocab
 from models.speech_tokenizer import HOP, SAMPLE_RATE, LogMel
-from models.recipes.prepare import shard_jobs
+from models.recipes.prepare import shard_jobs, write_shard
 from models.voices.festival import FESTIVAL_PHONES, Festival, FestivalError, fold
 
 
@@ -54,14 +54,7 @@ def synth_shard(job: tuple[list[str], Path]) -> int:
             phonemes.append(np.asarray(vocab.to_ids(utt.phones), dtype=np.int16))
             durations.append(utt.frame_durations(HOP, SAMPLE_RATE))
             texts.append(text)
-    offsets = lambda xs: np.cumsum([0] + [len(x) for x in xs]).astype(np.int64)  # noqa: E731
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, audio=np.concatenate(audio), audio_offsets=offsets(audio),
-             mel=np.concatenate(mel), mel_offsets=offsets(mel),
-             phonemes=np.concatenate(phonemes), phoneme_offsets=offsets(phonemes),
-             durations=np.concatenate(durations), text=np.asarray(texts))
-    tmp.rename(path)
-    return len(texts)
+    return write_shard(path, audio, mel, phonemes, durations, texts)
 
 
 def main(argv: list[str] | None = None) -> None:

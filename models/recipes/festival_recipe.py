@@ -18,21 +18,11 @@ any time and run the same command again):
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
+from models.recipes.recipe import run
+
 TTS1_LM = '{"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6}'
-
-
-def run(stage: str, args: list[str], threads: int) -> None:
-    start = time.time()
-    print(f"== {stage}: {' '.join(args)}", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    subprocess.run([sys.executable, "-m", *args], check=True, env=env)
-    print(f"== {stage} took {(time.time() - start) / 60:.1f} min", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,6 +52,13 @@ def synth_shard(job: tuple[list[str], Path]) -> int:
         phonemes.append(np.asarray(vocab.to_ids(utt.phonemes), dtype=np.int16))
         durations.append(utt.frame_durations(HOP))
         texts.append(text)
+    return write_shard(path, audio, mel, phonemes, durations, texts)
+
+
+def write_shard(path: Path, audio: list[np.ndarray], mel: list[np.ndarray], phonemes: list[np.ndarray],
+                durations: list[np.ndarray], texts: list[str]) -> int:
+    """One shard of utterances, concatenated with (N + 1,) offsets (the format in this module's
+    docstring), written atomically; returns N."""
     offsets = lambda xs: np.cumsum([0] + [len(x) for x in xs]).astype(np.int64)  # noqa: E731
     tmp = path.with_suffix(".tmp.npz")
     np.savez(tmp, audio=np.concatenate(audio), audio_offsets=offsets(audio),
