@@ -138,11 +138,29 @@ class Cluster:
             raise
 
 
-def gone(seen: dict[int, str]) -> None:
+def in_group(pgid: int) -> dict[int, str]:
+    """pid -> command line of every process in process group `pgid`: the launcher's group holds
+    Ray's processes too, even those whose parent has exited (they keep their group)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                if int(stat.rsplit(")", 1)[1].split()[2]) == pgid:
+                    found[int(entry)] = Path(f"/proc/{entry}/cmdline").read_bytes() \
+                        .replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, ValueError):
+                continue
+    return found
+
+
+def gone(seen: dict[int, str], pgid: int) -> None:
+    """Every Ray process seen below the launcher, and every process of its group, has ended."""
     names = sorted({cmd.split()[0].rsplit("/", 1)[-1] for cmd in seen.values() if cmd})
-    assert "gcs_server" in names and any(n.startswith("ray::") for n in names), names
+    assert any(n.startswith("ray::") for n in names), names  # the cluster was seen running
     time.sleep(1)
     left = {pid: cmd for pid, cmd in seen.items() if alive(pid, cmd)}
+    left.update({pid: cmd for pid, cmd in in_group(pgid).items() if cmd})
     assert not left, left
 
 
@@ -156,7 +174,7 @@ def test_ctrl_c_while_replicas_load_stops_every_ray_process(tiny_voice):
             time.sleep(0.5)
         c.seen.update(descendants(c.proc.pid))
         assert c.stop(signal.SIGINT, group=True) == 0, "".join(c.log[-20:])
-        gone(c.seen)
+        gone(c.seen, c.proc.pid)
     finally:
         c.stop(signal.SIGKILL, group=True)
 
@@ -466,4 +484,4 @@ def test_sigterm_stops_every_ray_process(cluster):
     started = time.monotonic()
     assert cluster.stop(signal.SIGTERM) == 0, "".join(cluster.log[-20:])
     assert time.monotonic() - started < 60
-    gone(cluster.seen)
+    gone(cluster.seen, cluster.proc.pid)
