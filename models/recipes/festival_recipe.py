@@ -10,8 +10,11 @@ any time and run the same command again):
   2. codec       FSQ tokenizer + causal Vocos, spectral losses, until the tokenizer is frozen
   3. tokenizer   export the tokenizer (encoder) and the vocoder at that point
   4. tokenize    the tokenizer's codes into every shard
-  5. lm          `tts-1`'s interleaved speech LM on phones + codes
-  6. codec-gan   the vocoder against the MPD / MRD discriminators (tokenizer frozen)
+  5. lm          `tts-1`'s interleaved speech LM on phones + codes (then exported)
+  6. heads       its draft heads, then a one-layer draft model (each exported)
+  7. codec-gan   the vocoder against the MPD / MRD discriminators (tokenizer frozen), exported
+  8. assemble    the float16 `tts-1` bundle in --out (the shipped default changes only by hand,
+                 once the bundle beats the shipped voice on the development set)
 `--mirror DIR` keeps a copy of every checkpoint outside the work tree.
 """
 
@@ -36,7 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--codec-steps", type=int, default=20000)
     ap.add_argument("--codec-freeze", type=int, default=3000, help="tokenizer frozen from this step")
     ap.add_argument("--lm-steps", type=int, default=30000)
-    ap.add_argument("--until", default="codec-gan", help="stop after this stage")
+    ap.add_argument("--heads-steps", type=int, default=1500)
+    ap.add_argument("--draft-steps", type=int, default=1500)
+    ap.add_argument("--out", type=Path, default=Path("checkpoints/festival/tts-1"),
+                    help="the assembled bundle")
+    ap.add_argument("--until", default="assemble", help="stop after this stage")
     args = ap.parse_args(argv)
     data, ck, t = args.data, args.checkpoints, str(args.threads)
     forever = ["--minutes", "100000"]
@@ -46,7 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.mirror:
         codec += ["--mirror", str(Path(args.mirror) / "codec")]
     lm_mirror = ["--mirror", str(Path(args.mirror) / "lm")] if args.mirror else []
-    tokenizer = ck / "codec" / "frozen"
+    tokenizer, lm = ck / "codec" / "frozen", ck / "lm" / "export"
+    drafts = ["models.recipes.train_drafts", "--data", str(data), "--lm", str(lm), "--ckpt",
+              str(ck / "drafts"), "--threads", t, "--device", args.device]
     stages = [
         ("prepare", ["models.recipes.festival_prepare", "--out", str(data), "--workers", t,
                      "--limit", str(args.shards)], False),  # resumes by itself
@@ -59,7 +68,26 @@ def main(argv: list[str] | None = None) -> None:
         ("lm", ["models.recipes.train_lm", "--data", str(data), "--ckpt", str(ck / "lm"),
                 "--threads", t, "--device", args.device, "--total-steps", str(args.lm_steps),
                 "--model", TTS1_LM, *lm_mirror, *forever], False),
+        ("lm-export", ["models.recipes.train_lm", "--data", str(data), "--ckpt", str(ck / "lm"),
+                       "--export", str(lm)], False),
+        ("heads", [*drafts, "--what", "heads", "--total-steps", str(args.heads_steps), *forever],
+         False),
+        ("draft", [*drafts, "--what", "draft", "--total-steps", str(args.draft_steps), *forever],
+         False),
+        ("heads-export", ["models.recipes.train_drafts", "--what", "heads", "--lm", str(lm),
+                          "--ckpt", str(ck / "drafts"), "--export", str(ck / "drafts" / "heads")],
+         False),
+        ("draft-export", ["models.recipes.train_drafts", "--what", "draft", "--lm", str(lm),
+                          "--ckpt", str(ck / "drafts"), "--export", str(ck / "drafts" / "draft")],
+         False),
         ("codec-gan", [*codec, *forever], False),
+        ("vocoder", ["models.recipes.train_codec", "--ckpt", str(ck / "codec"), "--export",
+                     str(ck / "codec" / "final")], False),
+        ("assemble", ["models.recipes.assemble", "--frontend", "festival", "--name", "tts-1",
+                      "--data", str(data), "--lm", str(lm), "--heads", str(ck / "drafts" / "heads"),
+                      "--draft", str(ck / "drafts" / "draft"),
+                      "--vocoder", str(ck / "codec" / "final" / "vocoder"),
+                      "--encoder", str(tokenizer / "encoder"), "--out", str(args.out)], False),
     ]
     for name, cmd, done in stages:
         if done:
