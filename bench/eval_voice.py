@@ -223,8 +223,7 @@ class TeacherVoice:
 
     def __call__(self, text: str) -> np.ndarray:
         if self.kind == "festival":
-            audio = self._festival.synthesize(self._fold(text)).audio
-            return audio if audio is not None else np.zeros(0, np.float32)
+            return self._festival.synthesize(self._fold(text)).audio
         return self._espeak.synthesize(self._normalize(text)).audio
 
 

@@ -14,7 +14,7 @@ runs when the corpus is tokenised, never at serving time.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.vocoder import CausalVocos
+from models.vocoder import CausalVocos, VocoderConfig
 
 ENCODER_FILE = "encoder.safetensors"
 ENCODER_CONFIG = "encoder.json"
@@ -170,10 +170,6 @@ class CodeEmbedding(nn.Module):
 
 def fold_into_vocoder(vocoder: CausalVocos, embedding: CodeEmbedding) -> CausalVocos:
     """A plain `CausalVocos` over code ids whose embedding table is `embedding.table()`."""
-    from dataclasses import replace
-
-    from models.vocoder import VocoderConfig
-
     table = embedding.table()
     cfg: VocoderConfig = replace(vocoder.cfg, num_tokens=table.shape[0])
     out = CausalVocos(cfg)

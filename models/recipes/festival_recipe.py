@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from models.recipes.recipe import run
+from models.recipes.recipe import run_stages
 
 TTS1_LM = '{"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6}'
 
@@ -89,13 +89,7 @@ def main(argv: list[str] | None = None) -> None:
                       "--vocoder", str(ck / "codec" / "final" / "vocoder"),
                       "--encoder", str(tokenizer / "encoder"), "--out", str(args.out)], False),
     ]
-    for name, cmd, done in stages:
-        if done:
-            print(f"== {name}: done already", flush=True)
-        else:
-            run(name, cmd, args.threads)
-        if name == args.until:
-            break
+    run_stages(stages, args.until, args.threads)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,18 @@ def run(stage: str, args: list[str], threads: int) -> None:
     print(f"== {stage} took {(time.time() - start) / 60:.1f} min", flush=True)
 
 
+def run_stages(stages: list[tuple[str, list[str], bool]], until: str, threads: int) -> None:
+    """Run each (name, module args, done already) stage in order, skipping the done ones, up to and
+    including the stage named `until`."""
+    for name, cmd, done in stages:
+        if done:
+            print(f"== {name}: done already", flush=True)
+        else:
+            run(name, cmd, threads)
+        if name == until:
+            break
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--threads", type=int, default=2)
@@ -96,13 +108,7 @@ def main() -> None:
         ("assemble-gta", ["models.recipes.assemble", "--data", str(data), "--out", args.out,
                           "--vocoder", "checkpoints/vocoder_gta/export"], False),
     ]
-    for name, cmd, done in stages:
-        if done:
-            print(f"== {name}: done already")
-        else:
-            run(name, cmd, args.threads)
-        if name == args.until:
-            break
+    run_stages(stages, args.until, args.threads)
 
 
 if __name__ == "__main__":
