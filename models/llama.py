@@ -318,16 +318,19 @@ class LlamaForCausalLM(nn.Module):
     # --- Hugging Face directory layout -------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> LlamaForCausalLM:
+                        dtype: torch.dtype | None = None,
+                        shared: dict[str, torch.Tensor] | None = None) -> LlamaForCausalLM:
         """dtype None: `load_dtype` (the checkpoint's bf16 / fp16 on CUDA, float32 on the CPU).
         The model is built in that dtype on the device, so a 3B bf16 checkpoint never exists in
-        float32 (12 GB); rotary frequencies stay float32 as in transformers."""
+        float32 (12 GB); rotary frequencies stay float32 as in transformers. shared: parameters
+        the directory leaves out because another model holds them (a draft model's embeddings
+        and output layer are its target's)."""
         path = Path(path)
         raw = json.loads((path / "config.json").read_text())
         cfg = LlamaConfig.from_dict(raw)
         device = torch.device(device)
         model = built(lambda: cls(cfg), device, dtype or load_dtype(raw, device))
-        model.load_state_dict_hf(read_safetensors(path))
+        model.load_state_dict_hf({**(shared or {}), **read_safetensors(path)})
         return model.eval()
 
     def load_state_dict_hf(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -347,8 +350,10 @@ class LlamaForCausalLM(nn.Module):
                                          f"expected {tuple(param.shape)}")
                     param.copy_(tensors[name])
 
-    def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float32) -> None:
-        """Write config.json + model.safetensors (stored in `dtype`; loading converts back)."""
+    def save_pretrained(self, path: str | Path, dtype: torch.dtype = torch.float32,
+                        leave_out: tuple[str, ...] = ()) -> None:
+        """Write config.json + model.safetensors (stored in `dtype`; loading converts back).
+        leave_out: parameter names another model holds (`from_pretrained(shared=...)`)."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         raw = self.config.to_dict()
@@ -356,8 +361,8 @@ class LlamaForCausalLM(nn.Module):
         (path / "config.json").write_text(json.dumps(raw, indent=2))
         own = dict(self.named_parameters())
         tensors = {name: own[name].detach().to(dtype).contiguous().cpu()
-                   for name in hf_parameter_names(self.config)
-                   if not (name == "lm_head.weight" and self.config.tie_word_embeddings)}
+                   for name in hf_parameter_names(self.config) if name not in leave_out
+                   and not (name == "lm_head.weight" and self.config.tie_word_embeddings)}
         save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 

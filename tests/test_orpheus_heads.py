@@ -83,6 +83,12 @@ def test_self_distillation_lowers_the_loss(tts):
     after = train_heads.measure(target, heads, data, seqs, "kl")
     assert all(a < 0.9 * b for a, b in zip(after["loss"], before["loss"]))
     assert np.mean(history[-3:]) < np.mean(history[:3])
+    # heads on the target's own output layer train only their blocks: the loss falls too
+    shared, _ = train_heads.train(target, data, seqs, num_heads=2, steps=15, batch_rows=48,
+                                  lr=1e-2, shared_out=True)
+    assert shared.shared_out and not any(".out." in k for k in shared.state_dict())
+    after = train_heads.measure(target, shared, data, seqs, "kl")
+    assert all(a < 0.95 * b for a, b in zip(after["loss"], before["loss"]))
 
 
 def test_exact_heads_equal_plain_greedy(tts):

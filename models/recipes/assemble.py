@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.llama import LlamaForCausalLM
+from models.recipes.train_drafts import SHARES_FILE
 from models.recipes.train_lm import num_speech_tokens
 from models.voices import interleaved
 from models.voices.bundle import PHONEME_DURATIONS
@@ -101,12 +102,19 @@ def main() -> None:
                  "vocoder": "vocoder"}
     LlamaForCausalLM.from_pretrained(args.lm).save_pretrained(out / "target", dtype=STORE)
     if (args.draft / "config.json").exists():
-        LlamaForCausalLM.from_pretrained(args.draft).save_pretrained(out / "draft", dtype=STORE)
+        shares = (json.loads((args.draft / SHARES_FILE).read_text())
+                  if (args.draft / SHARES_FILE).exists() else [])
+        lm = dict(LlamaForCausalLM.from_pretrained(args.lm).named_parameters())
+        draft = LlamaForCausalLM.from_pretrained(args.draft, shared={n: lm[n] for n in shares})
+        draft.save_pretrained(out / "draft", dtype=STORE, leave_out=tuple(shares))
         raw["draft"] = "draft"
+        if shares:
+            raw["draft_shares"] = shares
     if (args.heads / "heads.safetensors").exists():
         meta = json.loads((args.heads / "heads.json").read_text())
         save_file(half(load_file(str(args.heads / "heads.safetensors"))), str(out / "heads.safetensors"))
         raw["heads"] = {"file": "heads.safetensors", "num_heads": meta["num_heads"],
+                        "shared_out": meta.get("shared_out", False),
                         "accuracies": meta["metrics"]["accuracies"],
                         "accuracies_tolerance": meta["metrics"].get("accuracies_tolerance"),
                         "tree_nodes": args.tree_nodes,
@@ -120,6 +128,8 @@ def main() -> None:
         if args.encoder is None:
             raise SystemExit("--frontend festival needs --encoder (the learned tokenizer)")
         shutil.copytree(args.encoder, out / "tokenizer")
+        for weights in (out / "tokenizer").glob("*.safetensors"):  # float16 as the rest
+            save_file(half(load_file(str(weights))), str(weights))
     else:
         codebook = np.load(args.data / "codebook.npy")
         save_file({"centroids": torch.from_numpy(codebook)}, str(out / "tokenizer.safetensors"))

@@ -25,7 +25,9 @@ from models.heads import DraftHeads
 from models.llama import LlamaForCausalLM
 from models.recipes.train_lm import (batches, bf16_is_fast, collate, load_split, lr_at,
                                    save_checkpoint)
-from models.voices.bundle import draft_from_target
+from models.voices.bundle import DRAFT_SHARES, draft_from_target
+
+SHARES_FILE = "shares.json"  # an exported draft's parameters taken from the LM
 
 TOP_RANKS = 10
 TAU = 2  # tolerance accuracy (the default τ): is the head's token among the LM's own top-τ there?
@@ -107,6 +109,11 @@ def main() -> None:
     ap.add_argument("--ckpt", type=Path, default=Path("checkpoints/drafts"))
     ap.add_argument("--num-heads", type=int, default=6)
     ap.add_argument("--draft-layers", type=int, default=1)
+    ap.add_argument("--own-out", dest="shared_out", action="store_false",
+                    help="heads: each its own output layer (default: all use the LM's, frozen)")
+    ap.add_argument("--own-embeddings", dest="draft_shares", action="store_false",
+                    help="draft: train its own embeddings and output layer (default: the LM's, "
+                         "frozen, and left out of the export)")
     ap.add_argument("--minutes", type=float, default=20.0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
@@ -129,10 +136,12 @@ def main() -> None:
     lm.requires_grad_(False)
     cfg = lm.config
     if args.what == "heads":
-        model = DraftHeads(args.num_heads, cfg.hidden_size, cfg.vocab_size)
-        with torch.no_grad():  # start every head from the LM's own output layer
-            for head in model.heads:
-                head.out.weight.copy_(lm.lm_head.weight)
+        model = DraftHeads(args.num_heads, cfg.hidden_size, cfg.vocab_size,
+                           lm.lm_head if args.shared_out else None)
+        if not args.shared_out:
+            with torch.no_grad():  # start every head from the LM's own output layer
+                for head in model.heads:
+                    head.out.weight.copy_(lm.lm_head.weight)
     else:
         model = draft_from_target(lm, args.draft_layers)
     if args.init_from and not (args.ckpt / f"{args.what}.pt").exists():
@@ -146,7 +155,11 @@ def main() -> None:
         print(f"initialised {args.what} from {args.init_from}")
     model.to(device).train()
     model.requires_grad_(True)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    frozen = DRAFT_SHARES if args.what == "draft" and args.draft_shares else ()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name not in frozen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                            weight_decay=0.0)
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "metrics": None}
     args.ckpt.mkdir(parents=True, exist_ok=True)
     last = args.ckpt / f"{args.what}.pt"
@@ -157,7 +170,7 @@ def main() -> None:
         state = ck["state"]
         print(f"resumed {args.what} at step {state['step']}")
     if args.export:
-        export(model, args.what, state, args.export)
+        export(model, args.what, state, args.export, frozen)
         return
 
     train, valid = load_split(args.data, "train"), load_split(args.data, "valid")
@@ -199,17 +212,21 @@ def main() -> None:
     save_checkpoint(last, model, opt, state)
 
 
-def export(model, what: str, state: dict, out: Path) -> None:
-    """heads -> OUT/heads.safetensors + OUT/heads.json (accuracies); draft -> OUT (HF Llama dir)."""
+def export(model, what: str, state: dict, out: Path, shares: tuple[str, ...] = ()) -> None:
+    """heads -> OUT/heads.safetensors + OUT/heads.json (accuracies; whether they use the LM's
+    output layer); draft -> OUT (HF Llama dir without the `shares` it takes from the LM, listed
+    in OUT/shares.json)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
     if what == "draft":
-        model.eval().save_pretrained(out)
+        model.eval().save_pretrained(out, leave_out=shares)
+        (out / SHARES_FILE).write_text(json.dumps(list(shares)))
     else:
         save_file({k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()},
                   str(out / "heads.safetensors"))
         (out / "heads.json").write_text(json.dumps({"num_heads": model.num_heads,
+                                                    "shared_out": model.shared_out,
                                                     "metrics": state["metrics"]}, indent=1))
     print(f"exported {what} (step {state['step']}) to {out}")
 

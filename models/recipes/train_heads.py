@@ -36,6 +36,7 @@ from models.heads import DraftHeads
 from models.llama import LlamaForCausalLM
 from models.recipes.train_drafts import TOP_RANKS  # accuracies by rank, as the shipped voice's
 from models.voices.bundle import HeadsSpec
+from models.voices.bundle import new_heads as bundle_heads
 from models.voices.heads_files import save_heads
 
 TAU = 2  # tolerance accuracy: the head's token among the target's own top-τ
@@ -107,13 +108,15 @@ def record(target: LlamaForCausalLM, sequences) -> Generations:
     return Generations(allowed=allowed, **{k: torch.cat(v).to(device) for k, v in parts.items()})
 
 
-def new_heads(target: LlamaForCausalLM, num_heads: int) -> DraftHeads:
-    """float32 heads on the target's device, each starting as the target's output layer."""
-    cfg, weight = target.config, target.lm_head.weight
-    heads = DraftHeads(num_heads, cfg.hidden_size, cfg.vocab_size).to(weight.device)
-    with torch.no_grad():
-        for head in heads.heads:
-            head.out.weight.copy_(weight)
+def new_heads(target: LlamaForCausalLM, num_heads: int, shared_out: bool = False) -> DraftHeads:
+    """float32 heads on the target's device: with `shared_out` all use the target's output layer
+    (frozen), else each starts as a copy of it."""
+    spec = HeadsSpec(num_heads=num_heads, shared_out=shared_out)
+    heads = bundle_heads(target, spec, torch.float32)
+    if not shared_out:
+        with torch.no_grad():
+            for head in heads.heads:
+                head.out.weight.copy_(target.lm_head.weight)
     return heads
 
 
@@ -126,7 +129,7 @@ def head_loss(target: LlamaForCausalLM, head, k: int, data: Generations, t: torc
               loss: str) -> torch.Tensor:
     """Head k's (1-based) mean loss at positions t (see `Generations.rows`): KL(target || head)
     over the ids the rule allowed at t + k + 1, or ("ce") cross-entropy on the token there."""
-    x = head.block(data.hidden[t].to(head.out.weight.dtype))  # (n, D)
+    x = head.block(data.hidden[t].to(head.block.linear.weight.dtype))  # (n, D)
     total = x.new_zeros((), dtype=torch.float32)
     for rows, ids in data.groups(t + k + 1):
         student = restricted(x[rows], head.out.weight, ids).log_softmax(-1)  # (n_g, A)
@@ -155,7 +158,7 @@ def measure(target: LlamaForCausalLM, heads: DraftHeads, data: Generations, seqs
         for first in range(0, len(rows), chunk):
             t = rows[first:first + chunk]
             losses[k - 1] += float(head_loss(target, head, k, data, t, loss)) * len(t)
-            x = head.block(data.hidden[t].to(head.out.weight.dtype))
+            x = head.block(data.hidden[t].to(head.block.linear.weight.dtype))
             for g, ids in data.groups(t + k + 1):
                 logits = restricted(x[g], head.out.weight, ids)  # (n_g, A)
                 ranked = logits.topk(min(TOP_RANKS, logits.shape[-1]), -1).indices  # (n_g, R)
@@ -177,12 +180,13 @@ def measure(target: LlamaForCausalLM, heads: DraftHeads, data: Generations, seqs
 
 def train(target: LlamaForCausalLM, data: Generations, train_seqs: torch.Tensor,
           num_heads: int = 4, steps: int = 1000, batch_rows: int = 256, lr: float = 1e-3,
-          loss: str = "kl", seed: int = 0, log=None) -> tuple[DraftHeads, list[float]]:
+          loss: str = "kl", seed: int = 0, log=None, shared_out: bool = False
+          ) -> tuple[DraftHeads, list[float]]:
     """Heads trained on the answers of `train_seqs` (AdamW, cosine decay); each step samples
     `batch_rows` positions per head. Returns the heads and each step's summed loss."""
     device = target.lm_head.weight.device
     target.requires_grad_(False)
-    heads = new_heads(target, num_heads).train()
+    heads = new_heads(target, num_heads, shared_out).train()
     pools = [data.rows(k, train_seqs) for k in range(1, num_heads + 1)]
     if not all(len(p) for p in pools):
         raise ValueError(f"the answers are too short to train {num_heads} heads (head k needs "
@@ -220,21 +224,23 @@ def split(n: int, valid_share: float) -> tuple[torch.Tensor, torch.Tensor]:
 def train_heads(target: LlamaForCausalLM, sequences, out: str | Path, num_heads: int = 4,
                 steps: int = 1000, batch_rows: int = 256, lr: float = 1e-3, loss: str = "kl",
                 valid_share: float = 0.1, tree_nodes: int = 64, seed: int = 0, log=None,
-                about: dict | None = None) -> dict:
+                about: dict | None = None, shared_out: bool = False) -> dict:
     """Steps 2-4 on `sequences` ((prompt, answer, rule) of each sentence): record, train on all
     but the held-out share, measure on that share, write DIR `out` (heads in the target's dtype).
     `about`: how the answers were generated (e.g. the sampling), kept with the metrics. Returns
-    the metrics written to DIR/heads.json."""
+    the metrics written to DIR/heads.json. shared_out: the heads use the target's output layer
+    (a 157k x 3072 layer per head would be 0.96 GB each in bf16)."""
     data = record(target, sequences)
     train_seqs, valid_seqs = (s.to(data.seq.device) for s in split(len(sequences), valid_share))
     heads, history = train(target, data, train_seqs, num_heads, steps, batch_rows, lr, loss, seed,
-                           log)
+                           log, shared_out)
     metrics = measure(target, heads, data, valid_seqs, loss)
     metrics.update(sentences=len(sequences), answer_tokens=sum(len(a) for _, a, _ in sequences),
                    steps=steps, loss_kind=loss, first_losses=history[:5], last_losses=history[-5:],
                    held_out=len(valid_seqs) if len(valid_seqs) < len(sequences) else 0,
                    **(about or {}))
     spec = HeadsSpec(num_heads=num_heads, accuracies=metrics["accuracies"],
-                     accuracies_tolerance=metrics["accuracies_tolerance"], tree_nodes=tree_nodes)
+                     accuracies_tolerance=metrics["accuracies_tolerance"], tree_nodes=tree_nodes,
+                     shared_out=shared_out)
     save_heads(heads, out, spec, metrics, dtype=target.lm_head.weight.dtype)
     return metrics

@@ -3,8 +3,10 @@
     {"format": "spectts-bundle/1",
      "target": "target",                  # a Hugging Face Llama directory (config.json + model.safetensors)
      "draft": "draft",                    # optional: a smaller Llama directory, same vocabulary
-     "heads": {"file": "heads.safetensors", "num_heads": 4,
+     "draft_shares": ["lm_head.weight"],  # optional: parameters the draft takes from the target
+     "heads": {"file": "heads.safetensors", "num_heads": 4, "shared_out": false,
                "accuracies": [[...], ...], "tree_nodes": 64, "tree": null},   # optional
+                                          # shared_out: the heads use the target's lm_head
      "tokens": {"phonemes": [5, 133], "speech": [133, 645],
                 "bos": 1, "sep": 2, "eop": 3, "eos": 4},                     # optional
      ...}                                 # other parts (vocoder, frontend) are read by their owners
@@ -56,6 +58,7 @@ class HeadsSpec:
     accuracies_tolerance: list[list[float]] | None = None  # [k][i]: P(... is in the target's top-τ)
     tree_nodes: int = 64
     tree: list[tuple[int, ...]] | None = None  # explicit tree shape, else chosen from accuracies
+    shared_out: bool = False  # the heads' output layer is the target's lm_head (not stored)
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Bundle:
     heads_spec: HeadsSpec | None = None
     tokens: TokenLayout | None = None
     raw: dict = field(default_factory=dict)  # the whole spectts.json, for the other parts
+    draft_shares: tuple[str, ...] = ()  # the draft's parameters that are the target's (not stored)
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu",
@@ -87,7 +91,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu",
     dtype = target.lm_head.weight.dtype
     draft = None
     if raw.get("draft"):
-        draft = LlamaForCausalLM.from_pretrained(path / raw["draft"], device, dtype)
+        own = dict(target.named_parameters())
+        shared = {name: own[name].detach() for name in raw.get("draft_shares", [])}
+        draft = LlamaForCausalLM.from_pretrained(path / raw["draft"], device, dtype, shared)
         if draft.config.vocab_size != target.config.vocab_size:
             raise ValueError("the draft model's vocabulary differs from the target's")
     heads = spec = None
@@ -96,15 +102,24 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu",
         spec = HeadsSpec(num_heads=h["num_heads"], accuracies=h.get("accuracies"),
                          accuracies_tolerance=h.get("accuracies_tolerance"),
                          tree_nodes=h.get("tree_nodes", 64),
-                         tree=[tuple(p) for p in h["tree"]] if h.get("tree") else None)
-        cfg = target.config
-        heads = built(lambda: DraftHeads(spec.num_heads, cfg.hidden_size, cfg.vocab_size),
-                      target.lm_head.weight.device, dtype)
+                         tree=[tuple(p) for p in h["tree"]] if h.get("tree") else None,
+                         shared_out=bool(h.get("shared_out", False)))
+        heads = new_heads(target, spec, dtype)
         heads.load_state_dict(load_file(str(path / h.get("file", "heads.safetensors"))))
         heads = heads.eval()
     tokens = TokenLayout.from_dict(raw["tokens"]) if raw.get("tokens") else None
     return Bundle(path=path, target=target, draft=draft, heads=heads, heads_spec=spec,
-                  tokens=tokens, raw=raw)
+                  tokens=tokens, raw=raw, draft_shares=tuple(raw.get("draft_shares", [])))
+
+
+def new_heads(target: LlamaForCausalLM, spec: HeadsSpec, dtype: torch.dtype | None = None
+              ) -> DraftHeads:
+    """Untrained heads that fit the target (on its device, in `dtype` or the target's), using its
+    output layer when `spec.shared_out`."""
+    cfg, weight = target.config, target.lm_head.weight
+    shared = target.lm_head if spec.shared_out else None
+    return built(lambda: DraftHeads(spec.num_heads, cfg.hidden_size, cfg.vocab_size, shared),
+                 weight.device, dtype or weight.dtype)
 
 
 def save_bundle(bundle: Bundle, path: str | Path, extra: dict | None = None) -> None:
@@ -114,13 +129,16 @@ def save_bundle(bundle: Bundle, path: str | Path, extra: dict | None = None) -> 
     raw = {**bundle.raw, **(extra or {}), "format": FORMAT, "target": "target"}
     bundle.target.save_pretrained(path / "target")
     if bundle.draft is not None:
-        bundle.draft.save_pretrained(path / "draft")
+        bundle.draft.save_pretrained(path / "draft", leave_out=bundle.draft_shares)
         raw["draft"] = "draft"
+        if bundle.draft_shares:
+            raw["draft_shares"] = list(bundle.draft_shares)
     if bundle.heads is not None and bundle.heads_spec is not None:
         save_file({k: v.detach().float().contiguous().cpu()
                    for k, v in bundle.heads.state_dict().items()}, str(path / "heads.safetensors"))
         s = bundle.heads_spec
         raw["heads"] = {"file": "heads.safetensors", "num_heads": s.num_heads,
+                        "shared_out": bundle.heads.shared_out,
                         "accuracies": s.accuracies,
                         "accuracies_tolerance": s.accuracies_tolerance, "tree_nodes": s.tree_nodes,
                         "tree": [list(p) for p in s.tree] if s.tree else None}
@@ -134,9 +152,12 @@ def save_bundle(bundle: Bundle, path: str | Path, extra: dict | None = None) -> 
 def random_bundle(vocab_size: int = 256, hidden_size: int = 64, num_layers: int = 2,
                   num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 128,
                   draft_layers: int = 1, num_draft_heads: int = 4, seed: int = 0,
-                  std: float = 0.2, eos_token_id: int | None = None) -> Bundle:
+                  std: float = 0.2, eos_token_id: int | None = None, shared_out: bool = False,
+                  draft_shares: bool = False) -> Bundle:
     """A bundle with random weights (tests, and benchmarks before a trained voice exists). The draft
-    model is initialised from the target's first layers, embeddings and output layer, as SSD does."""
+    model is initialised from the target's first layers, embeddings and output layer, as SSD does
+    (`draft_shares`: and keeps the latter two as the target's); `shared_out`: the heads use the
+    target's output layer."""
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size,
                       intermediate_size=intermediate_size, num_hidden_layers=num_layers,
                       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
@@ -149,11 +170,18 @@ def random_bundle(vocab_size: int = 256, hidden_size: int = 64, num_layers: int 
         draft = draft_from_target(target, draft_layers)
     heads = spec = None
     if num_draft_heads:
-        heads = DraftHeads(num_draft_heads, hidden_size, vocab_size)
+        heads = DraftHeads(num_draft_heads, hidden_size, vocab_size,
+                           target.lm_head if shared_out else None)
         init_weights(heads, std=std, seed=seed + 1)
         heads.eval()
-        spec = HeadsSpec(num_heads=num_draft_heads)
-    return Bundle(path=Path("."), target=target, draft=draft, heads=heads, heads_spec=spec)
+        spec = HeadsSpec(num_heads=num_draft_heads, shared_out=shared_out)
+    return Bundle(path=Path("."), target=target, draft=draft, heads=heads, heads_spec=spec,
+                  draft_shares=DRAFT_SHARES if draft and draft_shares else ())
+
+
+# what a draft model trained with its target's embeddings and output layer frozen takes from the
+# target instead of storing them (2 x V x D: 2.3M of a small voice's 3.2M-parameter draft)
+DRAFT_SHARES = ("model.embed_tokens.weight", "lm_head.weight")
 
 
 def draft_from_target(target: LlamaForCausalLM, num_layers: int) -> LlamaForCausalLM:

@@ -3,7 +3,7 @@ served with `--heads DIR`):
 
     DIR/heads.safetensors   the DraftHeads' parameters (stored in the target's dtype)
     DIR/heads.json          {"format": "spectts-heads/1", "num_heads": 4, "hidden_size": 3072,
-                             "vocab_size": 156940, "tree_nodes": 64,
+                             "vocab_size": 156940, "tree_nodes": 64, "shared_out": true,
                              "accuracies": [[...], ...], "accuracies_tolerance": [[...], ...],
                              "metrics": {...}}   # how they were trained and measured
 
@@ -20,8 +20,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models.heads import DraftHeads
-from models.llama import LlamaForCausalLM, built
-from models.voices.bundle import HeadsSpec
+from models.llama import LlamaForCausalLM
+from models.voices.bundle import HeadsSpec, new_heads
 
 HEADS_FILE = "heads.safetensors"
 SPEC_FILE = "heads.json"
@@ -38,6 +38,7 @@ def save_heads(heads: DraftHeads, out: str | Path, spec: HeadsSpec, metrics: dic
     (out / SPEC_FILE).write_text(json.dumps({
         "format": FORMAT, "num_heads": heads.num_heads, "hidden_size": first.shape[1],
         "vocab_size": first.shape[0], "tree_nodes": spec.tree_nodes,
+        "shared_out": heads.shared_out,
         "accuracies": spec.accuracies, "accuracies_tolerance": spec.accuracies_tolerance,
         "metrics": metrics}, indent=1))
     return out
@@ -65,9 +66,8 @@ def load_heads(path: str | Path, target: LlamaForCausalLM) -> tuple[DraftHeads, 
                          f"{cfg.hidden_size} and {cfg.vocab_size}")
     spec = HeadsSpec(num_heads=raw["num_heads"], accuracies=raw.get("accuracies"),
                      accuracies_tolerance=raw.get("accuracies_tolerance"),
-                     tree_nodes=raw.get("tree_nodes", 64))
-    weight = target.lm_head.weight
-    heads = built(lambda: DraftHeads(spec.num_heads, cfg.hidden_size, cfg.vocab_size),
-                  weight.device, weight.dtype)
-    heads.load_state_dict(load_file(str(path / HEADS_FILE), device=str(weight.device)))
+                     tree_nodes=raw.get("tree_nodes", 64),
+                     shared_out=bool(raw.get("shared_out", False)))
+    heads = new_heads(target, spec)
+    heads.load_state_dict(load_file(str(path / HEADS_FILE), device=str(target.lm_head.weight.device)))
     return heads.eval(), spec

@@ -75,15 +75,20 @@ def phoneme_token_counts(phonemes: np.ndarray, durations: np.ndarray, tokens: np
 
 
 def save_phoneme_counts(directory: Path, counts: np.ndarray, coverage: float) -> dict:
-    """Write DIRECTORY/phoneme_tokens.safetensors; returns the bundle's `phoneme_tokens` entry."""
-    save_file({"counts": torch.from_numpy(counts.astype(np.int32))},
+    """Write DIRECTORY/phoneme_tokens.safetensors: each phoneme's counts as a float16 share of its
+    most frequent token's (half the bytes of int32; only their order and ratios are used);
+    returns the bundle's `phoneme_tokens` entry."""
+    top = np.maximum(counts.max(axis=1, keepdims=True), 1)
+    save_file({"shares": torch.from_numpy((counts / top).astype(np.float16))},
               str(directory / PHONEME_TOKENS_FILE))
     return {"file": PHONEME_TOKENS_FILE, "coverage": coverage}
 
 
 def load_phoneme_counts(directory: Path, entry: dict) -> np.ndarray:
-    """The counts a bundle's `phoneme_tokens` entry points at, (PHONEME_SLOTS, num_speech)."""
-    return load_file(str(directory / entry["file"]))["counts"]
+    """The counts (or float16 shares) a bundle's `phoneme_tokens` entry points at, as float32
+    (PHONEME_SLOTS, num_speech)."""
+    tensors = load_file(str(directory / entry["file"]))
+    return tensors["shares" if "shares" in tensors else "counts"].astype(np.float32)
 
 
 def phoneme_allowed_masks(layout: TokenLayout, counts: np.ndarray, coverage: float, vocab: int
