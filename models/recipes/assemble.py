@@ -30,7 +30,7 @@ from models.voices.bundle import PHONEME_DURATIONS
 from models.voices.festival import FESTIVAL_PHONES
 from models.voices.frontend import EN_US_PHONEMES, PhonemeVocab
 
-STORE = torch.float16
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def max_frames_per_phoneme(data: Path) -> int:
@@ -52,8 +52,9 @@ def write_phoneme_tokens(data: Path, out: Path, coverage: float) -> dict:
     return interleaved.save_phoneme_counts(out, counts, coverage)
 
 
-def half(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.to(STORE).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}
+def half(tensors: dict[str, torch.Tensor], dtype: torch.dtype = torch.float16
+         ) -> dict[str, torch.Tensor]:
+    return {k: v.to(dtype).contiguous() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def main() -> None:
@@ -75,6 +76,9 @@ def main() -> None:
     ap.add_argument("--frontend", choices=["espeak", "festival"], default="espeak")
     ap.add_argument("--encoder", type=Path, default=None,
                     help="the learned tokenizer (models.codec.MelEncoder dir) of a Festival voice")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="float16",
+                    help="the LM, draft model and heads' stored dtype (bfloat16: a voice that runs "
+                         "in bfloat16; the vocoder and tokenizer stay float16)")
     ap.add_argument("--name", default=None, help="the bundle's name (default: espeak-en-us / "
                     "festival-slt)")
     args = ap.parse_args()
@@ -100,19 +104,21 @@ def main() -> None:
                  "tokenizer": ({"encoder": "tokenizer", "frame_rate": 50} if festival
                                else {"codebook": "tokenizer.safetensors", "frame_rate": 50}),
                  "vocoder": "vocoder"}
-    LlamaForCausalLM.from_pretrained(args.lm).save_pretrained(out / "target", dtype=STORE)
+    store = DTYPES[args.dtype]
+    LlamaForCausalLM.from_pretrained(args.lm).save_pretrained(out / "target", dtype=store)
     if (args.draft / "config.json").exists():
         shares = (json.loads((args.draft / SHARES_FILE).read_text())
                   if (args.draft / SHARES_FILE).exists() else [])
         lm = dict(LlamaForCausalLM.from_pretrained(args.lm).named_parameters())
         draft = LlamaForCausalLM.from_pretrained(args.draft, shared={n: lm[n] for n in shares})
-        draft.save_pretrained(out / "draft", dtype=STORE, leave_out=tuple(shares))
+        draft.save_pretrained(out / "draft", dtype=store, leave_out=tuple(shares))
         raw["draft"] = "draft"
         if shares:
             raw["draft_shares"] = shares
     if (args.heads / "heads.safetensors").exists():
         meta = json.loads((args.heads / "heads.json").read_text())
-        save_file(half(load_file(str(args.heads / "heads.safetensors"))), str(out / "heads.safetensors"))
+        save_file(half(load_file(str(args.heads / "heads.safetensors")), store),
+                  str(out / "heads.safetensors"))
         raw["heads"] = {"file": "heads.safetensors", "num_heads": meta["num_heads"],
                         "shared_out": meta.get("shared_out", False),
                         "accuracies": meta["metrics"]["accuracies"],

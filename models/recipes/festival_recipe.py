@@ -1,7 +1,7 @@
 """The natural voices, taught by Festival's SLT HTS voice, rebuilt by one resumable command:
 
-    .venv/bin/python -m models.recipes.festival_recipe [--threads 2] [--data data/festival]
-        [--checkpoints checkpoints/festival] [--mirror DIR] [--until STAGE]
+    .venv/bin/python -m models.recipes.festival_recipe [--voice tts-1|tts-1-hd] [--threads 2]
+        [--data data/festival] [--checkpoints checkpoints/festival] [--mirror DIR] [--until STAGE]
 
 Stages (each skips what is done; training stages resume from their last checkpoint, so stop it at
 any time and run the same command again):
@@ -10,11 +10,13 @@ any time and run the same command again):
   2. codec       FSQ tokenizer + causal Vocos, spectral losses, until the tokenizer is frozen
   3. tokenizer   export the tokenizer (encoder) and the vocoder at that point
   4. tokenize    the tokenizer's codes into every shard
-  5. lm          `tts-1`'s interleaved speech LM on phones + codes (then exported)
+  5. lm          the voice's interleaved speech LM on phones + codes (then exported)
   6. heads       its draft heads, then a one-layer draft model (each exported)
   7. codec-gan   the vocoder against the MPD / MRD discriminators (tokenizer frozen), exported
-  8. assemble    the float16 `tts-1` bundle in --out (the shipped default changes only by hand,
+  8. assemble    the voice's bundle in --out (the shipped default changes only by hand,
                  once the bundle beats the shipped voice on the development set)
+The two voices share stages 1-4 and 7 (corpus, tokenizer, tokens, vocoder): `--voice tts-1-hd` after
+`tts-1` trains only its own LM, heads and draft model (checkpoints/festival/{lm,drafts}-hd).
 `--mirror DIR` keeps a copy of every checkpoint outside the work tree.
 """
 
@@ -25,11 +27,21 @@ from pathlib import Path
 
 from models.recipes.recipe import run_stages
 
-TTS1_LM = '{"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6}'
+# name -> (LM shape, checkpoint suffix, bundle weights' dtype)
+VOICES = {
+    # small and fast: 7.4M parameters, 15 MB in float16, inside the CPU's last-level cache
+    "tts-1": ('{"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 6}', "",
+              "float16"),
+    # 23.5M parameters, 47 MB in bfloat16: past the 32 MB last-level cache, where a forward of
+    # 8 rows costs about one of 1 row and speculation pays (issue #20's measurement)
+    "tts-1-hd": ('{"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 6, '
+                 '"num_attention_heads": 8, "num_key_value_heads": 4}', "-hd", "bfloat16"),
+}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--voice", choices=list(VOICES), default="tts-1")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--data", type=Path, default=Path("data/festival"))
@@ -41,21 +53,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lm-steps", type=int, default=30000)
     ap.add_argument("--heads-steps", type=int, default=1500)
     ap.add_argument("--draft-steps", type=int, default=1500)
-    ap.add_argument("--out", type=Path, default=Path("checkpoints/festival/tts-1"),
-                    help="the assembled bundle")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="the assembled bundle (default: CHECKPOINTS/VOICE)")
     ap.add_argument("--until", default="assemble", help="stop after this stage")
     args = ap.parse_args(argv)
     data, ck, t = args.data, args.checkpoints, str(args.threads)
+    shape, suffix, dtype = VOICES[args.voice]
+    out = args.out or ck / args.voice
     forever = ["--minutes", "100000"]
     codec = ["models.recipes.train_codec", "--data", str(data), "--ckpt", str(ck / "codec"),
              "--threads", t, "--device", args.device, "--total-steps", str(args.codec_steps),
              "--gan-start", str(args.codec_freeze)]
     if args.mirror:
         codec += ["--mirror", str(Path(args.mirror) / "codec")]
-    lm_mirror = ["--mirror", str(Path(args.mirror) / "lm")] if args.mirror else []
-    tokenizer, lm = ck / "codec" / "frozen", ck / "lm" / "export"
+    lm_mirror = ["--mirror", str(Path(args.mirror) / f"lm{suffix}")] if args.mirror else []
+    lm_ck, drafts_ck = ck / f"lm{suffix}", ck / f"drafts{suffix}"
+    tokenizer, lm = ck / "codec" / "frozen", lm_ck / "export"
     drafts = ["models.recipes.train_drafts", "--data", str(data), "--lm", str(lm), "--ckpt",
-              str(ck / "drafts"), "--threads", t, "--device", args.device]
+              str(drafts_ck), "--threads", t, "--device", args.device]
     stages = [
         ("prepare", ["models.recipes.festival_prepare", "--out", str(data), "--workers", t,
                      "--limit", str(args.shards)], False),  # resumes by itself
@@ -65,29 +80,27 @@ def main(argv: list[str] | None = None) -> None:
                        str(tokenizer)], (tokenizer / "encoder").exists()),
         ("tokenize", ["models.recipes.train_codec", "--data", str(data), "--threads", t,
                       "--tokenize", str(tokenizer / "encoder")], False),  # skips tokenised shards
-        ("lm", ["models.recipes.train_lm", "--data", str(data), "--ckpt", str(ck / "lm"),
+        ("lm", ["models.recipes.train_lm", "--data", str(data), "--ckpt", str(lm_ck),
                 "--threads", t, "--device", args.device, "--total-steps", str(args.lm_steps),
-                "--model", TTS1_LM, *lm_mirror, *forever], False),
-        ("lm-export", ["models.recipes.train_lm", "--data", str(data), "--ckpt", str(ck / "lm"),
+                "--model", shape, *lm_mirror, *forever], False),
+        ("lm-export", ["models.recipes.train_lm", "--data", str(data), "--ckpt", str(lm_ck),
                        "--export", str(lm)], False),
         ("heads", [*drafts, "--what", "heads", "--total-steps", str(args.heads_steps), *forever],
          False),
         ("draft", [*drafts, "--what", "draft", "--total-steps", str(args.draft_steps), *forever],
          False),
         ("heads-export", ["models.recipes.train_drafts", "--what", "heads", "--lm", str(lm),
-                          "--ckpt", str(ck / "drafts"), "--export", str(ck / "drafts" / "heads")],
-         False),
+                          "--ckpt", str(drafts_ck), "--export", str(drafts_ck / "heads")], False),
         ("draft-export", ["models.recipes.train_drafts", "--what", "draft", "--lm", str(lm),
-                          "--ckpt", str(ck / "drafts"), "--export", str(ck / "drafts" / "draft")],
-         False),
+                          "--ckpt", str(drafts_ck), "--export", str(drafts_ck / "draft")], False),
         ("codec-gan", [*codec, *forever], False),
         ("vocoder", ["models.recipes.train_codec", "--ckpt", str(ck / "codec"), "--export",
                      str(ck / "codec" / "final")], False),
-        ("assemble", ["models.recipes.assemble", "--frontend", "festival", "--name", "tts-1",
-                      "--data", str(data), "--lm", str(lm), "--heads", str(ck / "drafts" / "heads"),
-                      "--draft", str(ck / "drafts" / "draft"),
+        ("assemble", ["models.recipes.assemble", "--frontend", "festival", "--name", args.voice,
+                      "--data", str(data), "--lm", str(lm), "--heads", str(drafts_ck / "heads"),
+                      "--draft", str(drafts_ck / "draft"), "--dtype", dtype,
                       "--vocoder", str(ck / "codec" / "final" / "vocoder"),
-                      "--encoder", str(tokenizer / "encoder"), "--out", str(args.out)], False),
+                      "--encoder", str(tokenizer / "encoder"), "--out", str(out)], False),
     ]
     run_stages(stages, args.until, args.threads)
 
