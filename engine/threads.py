@@ -5,6 +5,8 @@ made a small model 25x slower here."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from threadpoolctl import threadpool_limits
 
@@ -13,3 +15,11 @@ def set_threads(n: int) -> None:
     """Use n threads in torch and in numpy's BLAS from now on (for the whole process)."""
     torch.set_num_threads(n)
     threadpool_limits(n, user_api="blas")
+
+
+def vocoder_threads(engine_threads: int, cores: int | None = None) -> int:
+    """Torch intra-op threads for the vocoder thread beside an engine thread that uses
+    `engine_threads`: the cores the engine leaves, at most as many as the engine's, at least one
+    (so the process runs no more compute threads than there are cores, where it can)."""
+    cores = cores or len(os.sched_getaffinity(0))
+    return max(1, min(engine_threads, cores - engine_threads))
