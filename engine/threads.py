@@ -1,7 +1,11 @@
 """One thread count for both math libraries of the engine: torch's pool and the BLAS that numpy links
 (numpy's and scipy's OpenBLAS, for any numpy matrix product). The compiled decoder (`models.kernels`)
 is single-threaded. On a shared 2-core machine every pool must be pinned: one oversubscribed pool
-made a small model 25x slower here."""
+made a small model 25x slower here.
+
+Torch's count (OpenMP) is kept per thread: a thread that sets it changes its own, and a thread
+started later begins with the last count set anywhere. The speech service's engine thread sets the
+count it was built with; its vocoder thread takes the cores left (`vocoder_threads`)."""
 
 from __future__ import annotations
 
