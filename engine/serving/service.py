@@ -308,6 +308,8 @@ class TTSService:
         if stream.current is not None:
             self.tts.engine.release(stream.current.seq)
             stream.current = None
+        if stream.ended:
+            return
         stream.ended = True
         if stream.admitted is None:
             stream.end(kind, error)

@@ -68,7 +68,7 @@ class SpeechStream:
         self._input_done = False
         self._planned_all = False  # the input has ended and all of it is in `queued`
         self._planning = 0  # characters taken by the frontend thread, not yet in `queued`
-        self.failed: Exception | None = None  # the frontend could not phonemise the text
+        self.failed: Exception | None = None  # its text could not be phonemised, or vocoded
         self.cancelled = False
         self.ended = False  # the engine thread is done with it (its final event may follow)
         self.closed = False  # a final event (done / error / cancelled) was sent
