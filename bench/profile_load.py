@@ -259,7 +259,7 @@ def profile(args: argparse.Namespace, vocoder_thread: bool, levels: list[int]) -
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(prog="spectts bench profile-load", description=__doc__,
+    ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", default="1,16", help="levels, e.g. 1,16")
     ap.add_argument("--requests-per-client", type=int, default=2)
