@@ -1,11 +1,12 @@
 """Load benchmark: N concurrent WebSocket clients against a real server process over loopback.
 
     .venv/bin/python -m bench.load [--clients 1,4,16,32] [--requests-per-client 3] [--threads 1]
-                                   [--modes batched,single] [--replicas 1,2] [--url URL]
+                                   [--modes batched,inline,single] [--replicas 1,2] [--url URL]
 
 For each mode it starts `spectts serve` (its own process, --threads torch threads) on a free loopback
-port: `batched` is the continuous-batching scheduler (--max-batch slots), `single` the same server
-with --max-batch 1 (one request at a time, the others queued). `--replicas 1,2` instead starts
+port: `batched` is the continuous-batching scheduler (--max-batch slots), `inline` the same with the
+vocoder in the engine thread (--no-vocoder-thread), `single` the batched server with --max-batch 1
+(one request at a time, the others queued). `--replicas 1,2` instead starts
 `spectts serve --replicas R` on Ray Serve for each R (R = 1 also on Ray: one replica, so that the
 rows differ only in the replica count; --replica-num-cpus per replica); `--url` measures a server
 that is already running (e.g. on a cluster) and starts nothing. Then for each N it runs N clients at
@@ -156,14 +157,16 @@ async def run_level(url: str, n: int, per_client: int, sentences: list[str], rat
             "audio_seconds_per_second": sum(r["audio"] for r in ok) / wall}
 
 
-def serve(args: argparse.Namespace, max_batch: int, replicas: int | None = None):
-    """Start a server process (`replicas`: on Ray Serve); returns (process, port) once ready."""
+def serve(args: argparse.Namespace, max_batch: int, replicas: int | None = None,
+          flags: tuple[str, ...] = ()):
+    """Start a server process (`replicas`: on Ray Serve; `flags`: more `spectts serve` flags);
+    returns (process, port) once ready."""
     import httpx
 
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--port", str(port), "--threads",
            str(args.threads), "--max-batch", str(max_batch), "--decoding", args.decoding,
-           "--accept", args.accept, "--log-level", "warning"]
+           "--accept", args.accept, "--log-level", "warning", *flags]
     if args.bundle:
         cmd += ["--bundle", args.bundle]
     if replicas is not None:  # min = max: a fixed count, through Ray even for one replica
@@ -191,7 +194,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--modes", default="batched,single", help="batched: --max-batch slots; "
-                                                              "single: one request at a time")
+                    "inline: the same, the vocoder in the engine thread; single: one request at "
+                    "a time")
     ap.add_argument("--decoding", default="auto")
     ap.add_argument("--accept", default="exact")
     ap.add_argument("--bundle", default=None)
@@ -221,7 +225,8 @@ def main() -> None:
             server, base = None, args.url.rstrip("/")
         else:
             replicas = int(mode[1:]) if args.replicas else None
-            server, port = serve(args, args.max_batch if mode != "single" else 1, replicas)
+            server, port = serve(args, args.max_batch if mode != "single" else 1, replicas,
+                                 ("--no-vocoder-thread",) if mode == "inline" else ())
             base = f"http://127.0.0.1:{port}"
         try:
             chosen = httpx.get(f"{base}/ready").json().get("default")
@@ -245,7 +250,8 @@ def main() -> None:
     bar.close()
     print(f"\nserver: {args.threads} torch thread(s), decoding {args.decoding}/{args.accept} "
           f"({chosen}); "
-          f"batched = --max-batch {args.max_batch}, single = --max-batch 1, rN = N Ray Serve "
+          f"batched = --max-batch {args.max_batch}, inline = batched with the vocoder in the "
+          f"engine thread, single = --max-batch 1, rN = N Ray Serve "
           f"replicas of {args.replica_num_cpus:g} CPU, url = {args.url}; "
           f"{args.requests_per_client} sentences per client, refused sessions "
           f"{'retried after retry_after' if args.retry else 'dropped'}; TTFA from admission, queue: "

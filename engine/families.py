@@ -60,7 +60,10 @@ class VoiceFamily(Protocol):
         """A streaming codec decoder for one utterance (push frames, flush at the end)."""
 
     def push_many(self, decoders: list, frames: list[list]) -> list[np.ndarray]:
-        """Push each decoder its new frames, batched across streams; the audio now final."""
+        """Push each decoder its new frames, batched across streams; the audio now final. A push
+        replaces a decoder's state and never changes it in place, so a shallow copy of a decoder
+        is a snapshot (a failed pass is retried stream by stream from one:
+        `engine.serving.vocoding`)."""
 
     def vocode(self, frames: list) -> np.ndarray:
         """One utterance's frames to audio at once (offline)."""

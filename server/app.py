@@ -60,7 +60,8 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
                          policy=Policy(max_queue_wait_s=settings.max_queue_wait_s,
                                        adaptive=settings.admission_control),
                          prefill_chunk=settings.prefill_chunk, row_budget=settings.row_budget,
-                         capacity_margin=settings.capacity_margin)
+                         capacity_margin=settings.capacity_margin,
+                         vocoder_thread=settings.vocoder_thread)
     # the warm-up: seeds admission control's model, and checks the default decoding on this bundle
     cfg = default_config(settings, tts)
     service.calibrate(CALIBRATION_TEXT, cfg)

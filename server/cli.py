@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_train_heads_parser(sub)
 
-    ben = sub.add_parser("bench", help="run a benchmark: engine | load | voice (bench/*.py); "
+    ben = sub.add_parser("bench", help="run a benchmark: " + " | ".join(BENCHES) + " (bench/*.py); "
                                        "arguments after the name go to it")
     ben.add_argument("name", choices=sorted(BENCHES))
     ben.add_argument("args", nargs=argparse.REMAINDER)
@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCHES = {"engine": "bench.engine_bench", "load": "bench.load", "soak": "bench.soak",
-           "voice": "bench.eval_voice"}
+           "voice": "bench.eval_voice", "profile-load": "bench.profile_load"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

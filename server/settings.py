@@ -100,6 +100,9 @@ class Settings(BaseSettings):
                                      "(sys.setswitchinterval; Python's default 0.005): the engine "
                                      "thread releases the GIL in every torch op and must get it "
                                      "back quickly while the event loop is busy")
+    vocoder_thread: bool = Field(True, description="vocode in a thread of its own (another core) "
+                                 "while the engine decodes the next step; false: the engine "
+                                 "thread vocodes each step's audio itself")
     prefix_cache_blocks: int = Field(256, ge=0, description="16-token prompt blocks kept for "
                                      "reuse by later requests with the same prefix; 0: off")
     phoneme_coverage: float | None = Field(None, gt=0, description="speech tokens allowed after "

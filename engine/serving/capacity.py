@@ -21,7 +21,8 @@ class Capacity:
     """How many streams the engine keeps ahead of real time, learned from its own steps.
 
     Each decoding step (no prompt prefill in it) records (streams it ran, its wall seconds with
-    vocoding, seconds of audio it decoded). A step costs about a + b * n for n streams and gives
+    vocoding, or with waiting for the vocoder thread when that is behind, seconds of audio it
+    decoded). A step costs about a + b * n for n streams and gives
     each about r seconds of audio, so n streams all play in real time with `margin` to spare while
     r / (a + b * n) >= margin. a and b are
     a least-squares fit over the recent window; with a single batch size in it, a = 0 (the cost is taken

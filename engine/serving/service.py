@@ -8,13 +8,15 @@ model and the deadline policy (`Policy.hold`) — and is refused (`EventKind.REF
 `Policy.max_queue_wait_s`; only a full queue refuses at once (`ServiceBusy`). A later arrival never
 gets in before an earlier waiting one.
 
-Two threads. The frontend thread cuts each stream's arriving text into sentences and phonemises them
-(`TextToSpeech.plan`), so that work never delays a step. The engine thread's loop: admit from the
-queue, start each stream's next sentence, plan and run one batched engine step over the chosen
-streams (`engine.serving.deadlines.Policy`, `Engine.plan`), then vocode what the step accepted, all
-streams' chunks in one batched vocoder pass; it never blocks the event loop. A failure inside one
-request (its text, its decoding) fails that request only; cancelling (or a client disconnect) frees
-its cache slot at the next step, or its place in the queue.
+Three threads. The frontend thread cuts each stream's arriving text into sentences and phonemises
+them (`TextToSpeech.plan`), so that work never delays a step. The engine thread's loop: admit from
+the queue, start each stream's next sentence, plan and run one batched engine step over the chosen
+streams (`engine.serving.deadlines.Policy`, `Engine.plan`), then hand what the step accepted to the
+vocoder stage (`engine.serving.vocoding`), whose thread vocodes all streams' chunks in one batched
+pass and sends the audio events while the engine runs its next step (`vocoder_thread=False`: the
+engine thread vocodes them itself, before its next step); none of them blocks the event loop. A
+failure inside one request (its text, its decoding, its vocoding) fails that request only;
+cancelling (or a client disconnect) frees its cache slot at the next step, or its place in the queue.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import threading
 import time
 from collections import deque
 
-import numpy as np
+import torch
 
 from engine.decoding.plan import StepPlan
 from engine.decoding.sequence import Sequence
@@ -34,6 +36,8 @@ from engine.serving.capacity import CAPACITY_MARGIN, Capacity, ServiceBusy
 from engine.serving.chunker import ChunkSizes, SentenceAudio
 from engine.serving.deadlines import Policy
 from engine.serving.stream import Event, EventKind, SpeechStream
+from engine.serving.vocoding import Frames, Note, Vocoding, Work
+from engine.threads import vocoder_threads
 from engine.tts import TextToSpeech
 from engine.types import GenerationConfig
 
@@ -44,9 +48,13 @@ __all__ = ["ServiceBusy", "TTSService"]
 class TTSService:
     def __init__(self, tts: TextToSpeech, queue_size: int = 64, first_chunk_frames: int = 4,
                  chunk_frames: int = 40, policy: Policy = Policy(), prefill_chunk: int = 64,
-                 row_budget: int = 64, capacity_margin: float = CAPACITY_MARGIN) -> None:
+                 row_budget: int = 64, capacity_margin: float = CAPACITY_MARGIN,
+                 vocoder_thread: bool = True, vocoder_backlog_s: float = 1.0) -> None:
         """first_chunk_frames .. chunk_frames: vocoder chunk sizes (`ChunkSizes`); prefill_chunk and
-        row_budget: see `engine.decoding.plan`; capacity_margin: see `Capacity`."""
+        row_budget: see `engine.decoding.plan`; capacity_margin: see `Capacity`; vocoder_thread:
+        vocode in a thread of its own (False: in the engine thread); vocoder_backlog_s: the audio
+        the engine may hand the vocoder thread ahead of its vocoding, all streams together (at
+        least one step's)."""
         self.tts = tts
         self.max_active = tts.engine.cache.max_batch
         self.chunk_sizes = ChunkSizes.for_voice(first_chunk_frames, chunk_frames, tts.hop,
@@ -64,9 +72,17 @@ class TTSService:
         self._frontend = threading.Thread(target=self._run_frontend, name="spectts-frontend",
                                           daemon=True)
         self.steps = 0
+        # torch's intra-op threads as set where the service is built (`engine.threads`): the
+        # engine thread's; the vocoder thread takes what is left of the cores (at least one)
+        self.engine_threads = torch.get_num_threads()
+        backlog = max(1, round(vocoder_backlog_s / self.chunk_sizes.frame_s))
+        self.vocoding = Vocoding(tts, vocoder_thread, backlog,
+                                 threads=vocoder_threads(self.engine_threads), wake=self.wake)
+        self._work: list[Work] = []  # this loop's hand-over to the vocoder stage, in order
 
     # --- lifecycle ----------------------------------------------------------------------------
     def start(self) -> None:
+        self.vocoding.start()
         self._frontend.start()
         self._thread.start()
 
@@ -74,6 +90,7 @@ class TTSService:
         self._stop = True
         self.wake()
         self._texts.put(None)
+        self.vocoding.stop()  # also frees an engine thread waiting for it
         self._thread.join(timeout=10)
         self._frontend.join(timeout=10)
 
@@ -136,7 +153,7 @@ class TTSService:
 
     def _run_frontend(self) -> None:
         while (stream := self._texts.get()) is not None:
-            if stream.closed or stream.failed is not None:
+            if stream.ended or stream.closed or stream.failed is not None:
                 continue
             try:
                 sentences, final = stream.take_sentences()
@@ -154,12 +171,12 @@ class TTSService:
         # every open stream counts, also one whose text has not arrived yet (a WebSocket session
         # between its first input.text and its first sentence): counting only those decoding let
         # a burst of new sessions all in at once
-        opened = [s for s in self._active if not s.closed]
+        opened = [s for s in self._active if not s.ended]
         capacity = self.capacity.streams()
         with self._queue_lock:
             for stream in [s for s in self._queue if s.cancelled]:  # left while waiting
                 self._queue.remove(stream)
-                self._close(stream, Event(EventKind.CANCELLED, stats=stream.summary()))
+                self._close(stream, EventKind.CANCELLED)
             reason = None
             while self._queue:
                 reason = (f"all {self.max_active} streams are taken"
@@ -168,26 +185,30 @@ class TTSService:
                 if reason is not None:
                     break
                 stream = self._queue.popleft()
-                stream.admitted, stream.vocoder = now, self.tts.stream_decoder()
+                stream.admitted = now
                 self._active.append(stream)
                 opened.append(stream)
             while self._queue and now - self._queue[0].created > self.policy.max_queue_wait_s:
                 stream = self._queue.popleft()
                 error = ServiceBusy(f"waited {now - stream.created:.1f} s in the queue: {reason}")
-                self._close(stream, Event(EventKind.REFUSED, error=error, stats=stream.summary()))
+                self._close(stream, EventKind.REFUSED, error)
             for position, stream in enumerate(self._queue, 1):
                 if stream.position != position:
                     stream.position = position
                     stream.emit(Event(EventKind.QUEUED, position=position))
 
     def _run(self) -> None:
+        # OpenMP keeps the count per thread, and a new thread starts with the last one set
+        # anywhere (the vocoder thread sets its own): set the engine thread's explicitly
+        torch.set_num_threads(self.engine_threads)
         while not self._stop:
             self._admit()
             for stream in list(self._active):
                 self._advance_input(stream)
-            self._active = [s for s in self._active if not s.closed]
+            self._active = [s for s in self._active if not s.ended]
             running = [s for s in self._active if s.current is not None]
             if not running:
+                self._handoff()
                 self._wake.wait(timeout=0.05)
                 self._wake.clear()
                 continue
@@ -197,21 +218,22 @@ class TTSService:
             plan = self.tts.engine.plan(seqs, self.prefill_chunk, self.row_budget)
             self._step(seqs, chosen, plan)
             decoded = self._collect([s for s in chosen if s.current is not None])
+            self._handoff()  # waits while the vocoder is behind: the step's time includes that
             # the capacity model learns from decoding steps: a prompt's prefill is paid once per
             # sentence, and newcomers arriving together would make a batch look far dearer
             if not plan.prefill:
                 self.capacity.record(len(chosen), time.perf_counter() - start, decoded)
-            self._active = [s for s in self._active if not s.closed]
+            self._active = [s for s in self._active if not s.ended]
             self.steps += 1
 
     def _advance_input(self, stream: SpeechStream) -> None:
         """Start the stream's next sentence, finish or drop the stream."""
         try:
             if stream.cancelled:
-                self._close(stream, Event(EventKind.CANCELLED, stats=stream.summary()))
+                self._close(stream, EventKind.CANCELLED)
                 return
-            if stream.failed is not None:  # its text could not be phonemised
-                self._close(stream, Event(EventKind.ERROR, error=stream.failed))
+            if stream.failed is not None:  # its text could not be phonemised, or vocoded
+                self._close(stream, EventKind.ERROR, stream.failed)
                 return
             if stream.current is not None:
                 return
@@ -222,13 +244,14 @@ class TTSService:
                 stream.current = SentenceAudio(plan, seq, stream.sentences_started,
                                                scanned=len(seq.prompt))
                 stream.sentences_started += 1
-                stream.emit(Event(EventKind.SENTENCE_START, stream.current.index, text=plan.text))
+                self._work.append(Note(stream, Event(EventKind.SENTENCE_START,
+                                                     stream.current.index, text=plan.text)))
             elif final:
-                self._close(stream, Event(EventKind.DONE, stats=stream.summary()))
-            else:
+                self._close(stream, EventKind.DONE)
+            elif not self.vocoding.busy(stream):  # its audio has all left: the clock may stop
                 stream.playback.idle(time.perf_counter())
         except Exception as exc:  # noqa: BLE001 — this request fails, the loop goes on
-            self._close(stream, Event(EventKind.ERROR, error=exc))
+            self._close(stream, EventKind.ERROR, exc)
 
     def _step(self, seqs: list[Sequence], streams: list[SpeechStream], plan: StepPlan) -> None:
         engine = self.tts.engine
@@ -243,72 +266,55 @@ class TTSService:
                     self._fail(stream, exc, "request failed inside the engine step")
 
     def _collect(self, streams: list[SpeechStream]) -> float:
-        """Vocode what each stream's current sentence has accepted, every push of the step in one
-        batched vocoder pass (`push_many`); finish sentences whose sequence has ended. Returns the
-        seconds of audio the step decoded (vocoded now or later)."""
-        decoded, pushes = 0.0, {}  # stream -> frames to vocode now
+        """Hand each stream's newly accepted frames to the vocoder stage (a whole chunk, or the rest
+        of a sentence whose sequence has ended: its cache slot is freed now, its audio follows).
+        Returns the seconds of audio the step decoded (vocoded now or later)."""
+        decoded = 0.0
         for stream in streams:
             try:
+                sent = stream.current
                 seconds, frames = self._take(stream)
                 decoded += seconds
-                if frames:
-                    pushes[stream] = frames
+                if sent.seq.finished:
+                    stream.stats.merge(sent.seq.stats)
+                    self._work.append(Frames(stream, sent.index, frames, sent.seq.stats.to_dict()))
+                    self.tts.engine.release(sent.seq)
+                    stream.current = None
+                elif frames:
+                    self._work.append(Frames(stream, sent.index, frames))
             except Exception as exc:  # noqa: BLE001
-                self._fail(stream, exc, "request failed while vocoding")
-        try:
-            audio = dict(zip(pushes, self.tts.push_many([s.vocoder for s in pushes],
-                                                         list(pushes.values()))))
-        except Exception as exc:  # noqa: BLE001 — not a request's fault (its tokens are the
-            # model's own): the streams of this pass fail, the others and the loop go on
-            for stream in pushes:
-                self._fail(stream, exc, "the vocoder failed")
-            audio = {}
-        for stream in streams:
-            if stream.current is not None:
-                try:
-                    self._deliver(stream, audio.get(stream))
-                except Exception as exc:  # noqa: BLE001
-                    self._fail(stream, exc, "request failed while vocoding")
+                self._fail(stream, exc, "request failed while taking its frames")
         return decoded
 
-    def _take(self, stream: SpeechStream) -> tuple[float, list[int]]:
+    def _take(self, stream: SpeechStream) -> tuple[float, list]:
         """The current sentence's seconds of newly decoded audio and the frames to vocode now."""
         playback = stream.playback
         buffered = playback.slack(time.perf_counter()) if playback.started else None
         new, frames = stream.current.take(self.tts.take_frames, stream.speed, self.chunk_sizes, buffered)
         return new * self.chunk_sizes.frame_s, frames
 
-    def _deliver(self, stream: SpeechStream, audio: np.ndarray | None) -> None:
-        """Send the sentence's vocoded audio (and, when its sequence has ended, the vocoder's rest),
-        then finish the sentence if it has ended."""
-        sent = stream.current
-        parts = [] if audio is None else [audio]
-        if sent.seq.finished:
-            parts.append(stream.vocoder.flush())
-        chunk = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        if len(chunk):
-            seconds = len(chunk) / self.tts.sample_rate
-            stream.audio_seconds += seconds
-            stream.playback.sent(seconds, time.perf_counter())
-            stream.emit(Event(EventKind.AUDIO, sent.index, audio=np.clip(chunk, -1, 1)))
-        if sent.seq.finished:
-            stream.stats.merge(sent.seq.stats)
-            stream.emit(Event(EventKind.SENTENCE_DONE, sent.index, stats=sent.seq.stats.to_dict()))
-            self.tts.engine.release(sent.seq)
-            stream.current = None
+    def _handoff(self) -> None:
+        work, self._work = self._work, []
+        self.vocoding.submit(work)
 
     def _fail(self, stream: SpeechStream, exc: Exception, what: str) -> None:
         """Log the failure and end this stream with an error event; the others go on."""
         log.exception(what)
-        self._close(stream, Event(EventKind.ERROR, error=exc))
+        self._close(stream, EventKind.ERROR, exc)
 
-    def _close(self, stream: SpeechStream, event: Event) -> None:
+    def _close(self, stream: SpeechStream, kind: EventKind, error: Exception | None = None) -> None:
+        """The engine is done with the stream: free its sequence; its final event follows its audio
+        (an admitted stream's goes through the vocoder stage)."""
         if stream.current is not None:
             self.tts.engine.release(stream.current.seq)
             stream.current = None
-        if not stream.closed:
-            stream.emit(event)
-        stream.closed = True
+        if stream.ended:
+            return
+        stream.ended = True
+        if stream.admitted is None:
+            stream.end(kind, error)
+        else:
+            self._work.append(Note(stream, Event(kind, error=error)))
 
     # --- convenience --------------------------------------------------------------------------
     def speak(self, text: str, cfg: GenerationConfig, speed: float = 1.0,

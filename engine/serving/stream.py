@@ -68,8 +68,9 @@ class SpeechStream:
         self._input_done = False
         self._planned_all = False  # the input has ended and all of it is in `queued`
         self._planning = 0  # characters taken by the frontend thread, not yet in `queued`
-        self.failed: Exception | None = None  # the frontend could not phonemise the text
+        self.failed: Exception | None = None  # its text could not be phonemised, or vocoded
         self.cancelled = False
+        self.ended = False  # the engine thread is done with it (its final event may follow)
         self.closed = False  # a final event (done / error / cancelled) was sent
         self.created = time.perf_counter()
         self.admitted: float | None = None  # when it left the queue for a stream
@@ -81,7 +82,6 @@ class SpeechStream:
         self.sentences_started = 0
         self.current: SentenceAudio | None = None  # the sentence being decoded
         self.queued: list[SentencePlan] = []  # split, phonemised, not started
-        self.vocoder = None  # the voice's streaming decoder, created in the engine thread
 
     # --- client side --------------------------------------------------------------------------
     def add_text(self, text: str) -> None:
@@ -124,6 +124,11 @@ class SpeechStream:
             self.loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:  # the event loop is gone (client side shut down)
             self.cancelled = True
+
+    def end(self, kind: EventKind, error: Exception | None = None) -> None:
+        """Send the final event `kind`: with the request's summary, but for an error."""
+        self.emit(Event(kind, error=error,
+                        stats=None if kind == EventKind.ERROR else self.summary()))
 
     def add_plans(self, plans: list[SentencePlan], final: bool) -> None:
         """Phonemised sentences, in order (the frontend thread); `final`: the input has ended and
