@@ -291,3 +291,15 @@ def test_shutdown_while_loading_leaves_no_engine_thread(settings):
     assert not server.thread.is_alive()
     time.sleep(0.1)
     assert not (spectts_threads() - before), spectts_threads() - before
+
+
+def test_replicas_serve_every_model(settings):
+    """Scale-out: a replica is built from the launcher's settings, `models` included; before a
+    replica's capacity is measured, Serve may send it one engine batch per model."""
+    pytest.importorskip("ray.serve", reason="the `ray` extra is not installed")
+    from server.scale_out import deployment_options, replica_args
+
+    args = replica_args(settings)
+    assert args["models"] == settings.models
+    assert Settings(**args).registry().names == NAMES
+    assert deployment_options(settings, None)["max_ongoing_requests"] == 2 * settings.max_batch
