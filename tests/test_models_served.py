@@ -17,6 +17,10 @@ import numpy as np
 import pytest
 import soundfile
 from test_server import LiveServer, assert_error, assert_same_audio, scrape, ws_session
+# the server bar's live server and its client, here over this module's `settings` (two models);
+# the playground's headless browser
+from test_playground import browser  # noqa: F401
+from test_server import client, live  # noqa: F401
 
 from engine.tts import TextToSpeech
 from models.recipes.random_voice import build_random_voice
@@ -48,19 +52,6 @@ def settings(bundles):
     # constraint (near-ties of random weights); plain decoding: no autotuning at start
     return Settings(models=pairs(bundles), device="cpu", threads=1, decoding="plain", max_batch=2,
                     queue_size=8, admission_control=False, phoneme_coverage=1.0)
-
-
-@pytest.fixture(scope="module")
-def live(settings):
-    with LiveServer(create_app(settings)) as server:
-        server.wait_ready()
-        yield server
-
-
-@pytest.fixture(scope="module")
-def client(live):
-    with httpx.Client(base_url=live.url, timeout=60) as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
@@ -303,3 +294,32 @@ def test_replicas_serve_every_model(settings):
     assert args["models"] == settings.models
     assert Settings(**args).registry().names == NAMES
     assert deployment_options(settings, None)["max_ongoing_requests"] == 2 * settings.max_batch
+
+
+# --- the playground -----------------------------------------------------------------------------
+
+def test_playground_offers_the_models_and_speaks_with_the_chosen_one(live, browser, client):
+    """With two models the page shows its model picker (the API's list, default first); the chosen
+    model speaks (tests/test_playground.py: one model, no picker)."""
+    from selenium.webdriver.support.ui import Select
+    from test_playground import Page
+
+    page = Page(browser, live.url + "/")
+    page.load()
+    page.wait(lambda: page.options("model") == NAMES, "the model picker is not the API's list")
+    assert page.el("model-picker").is_displayed()
+    assert page.el("model").get_attribute("value") == NAMES[0]  # the default
+    Select(page.el("model")).select_by_value("tts-1-hd")
+    tokens = ("spectts_generated_tokens_total", (("model", "tts-1-hd"),))
+
+    def hd_tokens() -> float:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        return sum(s.value for f in text_string_to_metric_families(client.get("/metrics").text)
+                   for s in f.samples if (s.name, tuple(s.labels.items())) == tokens)
+
+    before = hd_tokens()
+    page.type_text("Spoken by the larger voice.")
+    page.el("speak").click()
+    page.wait(lambda: page.state() == "completed", "the session did not complete", timeout=60)
+    assert hd_tokens() - before == page.final()["tokens"] > 0
