@@ -29,8 +29,9 @@ from engine.decoding.sampling import SamplingParams
 from engine.threads import set_threads
 from engine.types import GenerationConfig, default_of
 from models.kv_cache import KVCache
-from models.voices.bundle import Bundle, load_bundle, random_bundle
+from models.voices.bundle import DEFAULT_VOICE, Bundle, load_bundle, random_bundle
 from models.voices.rules import InterleavedRule, TokenRule
+from server.model_registry import add_model_flags, chosen_model
 
 MODES = [  # name, decoding, accept
     ("plain", "plain", "exact"),
@@ -134,7 +135,8 @@ def forward_cost(engine: Engine, rows: list[int], batch: int = 1, context: int =
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--bundle", default=None)
+    ap.add_argument("--bundle", default=None, help="a bundle (default: random weights)")
+    add_model_flags(ap)  # --model NAME: a served model's bundle, by the server's names
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-new-tokens", type=int, default=300)
@@ -148,6 +150,11 @@ def main() -> None:
                     help="also run each mode with one-sequence forwards in torch (not numpy)")
     ap.add_argument("--out", default="bench/results/engine.json")
     args = ap.parse_args()
+    if args.model or args.models:
+        try:
+            args.bundle = str(chosen_model(args, args.bundle or DEFAULT_VOICE).bundle)
+        except ValueError as exc:
+            ap.error(str(exc))
     set_threads(args.threads)
     device = resolve_device(args.device)
 

@@ -393,10 +393,12 @@ def format_table(report: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from models.voices.bundle import PHONEME_DURATIONS
+    from server.model_registry import add_model_flags, chosen_model
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sentences", type=int, default=None, help="first N eval sentences (default: all)")
     ap.add_argument("--bundle", type=Path, default=DEFAULT_BUNDLE)
+    add_model_flags(ap)  # --model NAME: a served model's bundle, by the server's names
     ap.add_argument("--text-file", type=Path, default=None,
                     help="sentences to judge, one per line (default: the held-out evaluation set); "
                          "e.g. a development set for choosing decoding settings")
@@ -422,6 +424,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="also score naturalness with DNSMOS (OVRL, SIG, BAK, P.808)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    if args.model or args.models:
+        try:
+            args.bundle = chosen_model(args, args.bundle).bundle
+        except ValueError as exc:
+            ap.error(str(exc))
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from engine.threads import set_threads

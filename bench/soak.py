@@ -38,12 +38,14 @@ def rss_mib(pid: int) -> float:
 
 
 def gauges(base: str) -> dict[str, float]:
+    """The server's load gauges, summed over its models (label `model`)."""
     out = {}
     for line in httpx.get(f"{base}/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
+        series, _, value = line.rpartition(" ")
+        name = series.partition("{")[0]
         if name in ("spectts_kv_cache_slots_in_use", "spectts_requests_running",
                     "spectts_requests_waiting"):
-            out[name] = float(value)
+            out[name] = out.get(name, 0.0) + float(value)
     return out
 
 

@@ -20,7 +20,7 @@ from engine.decoding.engine import Engine, resolve_device
 from engine.decoding.sampling import SamplingParams
 from engine.types import GenerationConfig, GenerationStats
 from models.voices import interleaved
-from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS, load_bundle
+from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS, bundle_name, load_bundle
 from models.voices.phonemizer import make_phonemizer
 
 
@@ -111,7 +111,7 @@ class TextToSpeech:
         self.hop = self.vocoder.cfg.hop  # the frontend's frames are the vocoder's
         self.phonemizer = make_phonemizer(front, self.hop, self.sample_rate,
                                           forced=self.phoneme_durations == "frontend")
-        self.name = bundle.raw.get("name", Path(bundle_path).name)
+        self.name = bundle_name(bundle_path)
         self.voices = (self.name,)  # one speaker
         self.default_voice = self.name
         self.sampling_defaults = SamplingParams()  # greedy

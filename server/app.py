@@ -1,9 +1,11 @@
 """The FastAPI application: `create_app(settings, service=None)`.
 
-At startup the lifespan loads the voice in a worker thread (the server already answers /health, and
-/ready says 503), warms it up with one short synthesis, then starts the engine thread; /ready turns
-200. Tests may pass a pre-built, started `TTSService` instead: the app is ready at once and leaves
-the service's lifecycle to its owner.
+At startup the lifespan loads each served model (`settings.registry()`: one `tts-1` from `bundle`,
+or the `models` pairs) in a worker thread, one after the other (the server already answers /health,
+and /ready says 503): its voice, a warm-up with one short synthesis, then its own engine thread;
+/ready turns 200 once all are running. At shutdown every engine thread the app started is stopped.
+Tests may pass a pre-built, started `TTSService` as the default model instead: the app leaves that
+service's lifecycle to its owner.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from engine.types import GenerationConfig
 from server import errors, routes_http, routes_playground, routes_ws
 from server.middleware import OPEN_PATHS, ServerMiddleware
 from server.settings import Settings
+from server.model_registry import ModelSpec
 from server.speech import CALIBRATION_TEXT, ServerState, default_config
 
 log = logging.getLogger("spectts.server")
 
 
-def load_voice(settings: Settings):
-    """The voice as the server runs it: device, torch threads, cache sizes, runner (blocking).
-    Returns the TextToSpeech (or a family's counterpart)."""
+def load_voice(settings: Settings, spec: ModelSpec):
+    """A model's voice as the server runs it: device, torch threads, cache sizes, runner
+    (blocking). Returns the TextToSpeech (or a family's counterpart)."""
     import sys
 
     from engine.decoding.engine import resolve_device
@@ -41,19 +44,19 @@ def load_voice(settings: Settings):
     threads = settings.torch_threads(device.type)
     if threads:
         set_threads(threads)
-    return load_tts(settings.bundle, settings.codec, settings.draft, settings.heads,
+    return load_tts(spec.bundle, spec.codec, spec.draft, spec.heads,
                     device=str(device), max_batch=settings.max_batch, max_len=settings.max_len,
                     prefix_blocks=settings.prefix_cache_blocks,
                     phoneme_coverage=settings.phoneme_coverage,
                     phoneme_durations=settings.phoneme_durations, runner=settings.runner)
 
 
-def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
-    """Load the voice (`load_voice`), resolve its default decoding ("auto" measures), warm it up
-    and start the engine thread (blocking: run it in a thread)."""
+def load_service(settings: Settings, spec: ModelSpec) -> tuple[TTSService, GenerationConfig]:
+    """Load a model's voice (`load_voice`), resolve its default decoding ("auto" measures), warm
+    it up and start its engine thread (blocking: run it in a thread)."""
     import torch
 
-    tts = load_voice(settings)
+    tts = load_voice(settings, spec)
     service = TTSService(tts, queue_size=settings.queue_size,
                          first_chunk_frames=settings.first_chunk_frames,
                          chunk_frames=settings.chunk_frames,
@@ -66,37 +69,50 @@ def load_service(settings: Settings) -> tuple[TTSService, GenerationConfig]:
     cfg = default_config(settings, tts)
     service.calibrate(CALIBRATION_TEXT, cfg)
     service.start()
-    log.info("voice %r loaded from %s on %s (runner %s, %s torch threads)", tts.name,
-             settings.bundle, tts.engine.device, tts.engine.runner, torch.get_num_threads())
+    log.info("model %r (voice %r) loaded from %s on %s (runner %s, %s torch threads)", spec.name,
+             tts.name, spec.bundle, tts.engine.device, tts.engine.runner, torch.get_num_threads())
     return service, cfg
+
+
+def load_models(state: ServerState) -> None:
+    """Load, warm up and attach every model not attached yet, one after the other (blocking: run
+    it in a thread). A model loaded after the app has shut down is stopped, not attached."""
+    for spec in state.registry.models:
+        if spec.name in state.models:
+            continue
+        service, cfg = load_service(state.settings, spec)
+        if not state.attach(spec.name, service, owned=True, cfg=cfg):
+            service.stop()
+            return
 
 
 async def _load(state: ServerState) -> None:
     try:
-        service, cfg = await asyncio.to_thread(load_service, state.settings)
-        state.attach(service, owned=True, cfg=cfg)
+        await asyncio.to_thread(load_models, state)
     except Exception as exc:  # noqa: BLE001 — reported by /health and /ready
-        log.exception("loading the voice failed")
+        log.exception("loading the models failed")
         state.load_error = exc
 
 
 def create_app(settings: Settings | None = None, service: TTSService | None = None) -> FastAPI:
-    """The app. `service`: a started TTSService to use instead of loading `settings.bundle`."""
+    """The app. `service`: a started TTSService to serve as the default model instead of loading
+    it (the other models of `settings.models`, if any, still load)."""
     settings = settings or Settings()
     state = ServerState(settings)
     if service is not None:
-        state.attach(service, owned=False)
+        state.attach(state.registry.default.name, service, owned=False)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        task = asyncio.create_task(_load(state)) if state.service is None else None
+        task = asyncio.create_task(_load(state)) if not state.ready else None
         try:
             yield
         finally:
+            # every engine thread the app started stops; one still loading stops itself
+            # (`load_models`), the loading thread ends on its own
+            await asyncio.gather(*(asyncio.to_thread(m.service.stop) for m in state.close()))
             if task is not None and not task.done():
-                task.cancel()  # the loading thread finishes on its own; nothing will use it
-            if state.owns_service and state.service is not None:
-                await asyncio.to_thread(state.service.stop)
+                task.cancel()
 
     app = FastAPI(title="SpecTTS", version="0.1.0", lifespan=lifespan,
                   description="Low-latency text to speech with speculative decoding; "

@@ -10,6 +10,7 @@ from dataclasses import replace
 from engine.decoding.sampling import SamplingParams
 from engine.types import ACCEPTS, DECODINGS, GenerationConfig, default_of, help_of
 from models.voices.bundle import PHONEME_DURATIONS
+from server.model_registry import add_model_flags, chosen_model
 from server.serve import add_serve_parser, cmd_serve
 
 
@@ -83,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--text-file", help="one text per line; writes OUT_DIR/000.wav, 001.wav, …")
     syn.add_argument("--out-dir", default="synth_out")
     syn.add_argument("--bundle", default=None, help="voice bundle (default: the shipped voice), or "
-                                                    "an Orpheus-family checkpoint (with --codec)")
+                                                    "an Orpheus-family checkpoint (with --codec): "
+                                                    "model tts-1 when --models is not given")
+    add_model_flags(syn)
     syn.add_argument("--codec", default=None, help="the checkpoint's codec directory (SNAC 24 kHz)")
     syn.add_argument("--draft", default=None, help="a smaller Llama with the checkpoint's "
                                                    "vocabulary (--decoding draft)")
@@ -156,7 +159,10 @@ def cmd_synth(args: argparse.Namespace) -> int:
         raise ValueError("give either a text or --text-file")
     texts = ([args.text] if args.text is not None
              else Path(args.text_file).read_text(encoding="utf-8").splitlines())
-    tts = load_tts(args.bundle or DEFAULT_VOICE, args.codec, args.draft, args.heads,
+    if args.models and args.bundle:
+        raise ValueError("give --models or --bundle, not both")
+    spec = chosen_model(args, args.bundle or DEFAULT_VOICE, args.codec, args.draft, args.heads)
+    tts = load_tts(spec.bundle, spec.codec, spec.draft, spec.heads,
                    device=args.device, phoneme_durations=args.phoneme_durations)
     if args.voice is not None and args.voice not in tts.voices:
         raise ValueError(f"unknown voice {args.voice!r}; this voice has {', '.join(tts.voices)}")

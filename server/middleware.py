@@ -20,6 +20,8 @@ OPEN_PATHS = frozenset({"/health", "/ready"})  # probes answer without the API k
 # (a browser drops a handshake whose answer names none of its offers), never the key.
 WS_PROTOCOL = "spectts"
 WS_KEY_PROTOCOL = "spectts.bearer."
+# a route puts the served model's name here; the request metric's model label ("" when none)
+MODEL_SCOPE_KEY = "spectts.model"
 
 
 def authorized(headers: Headers, state: ServerState) -> bool:
@@ -79,4 +81,5 @@ class ServerMiddleware:
                 return
             await self.app(scope, receive, send_status)
         finally:
-            self.state.metrics.request(route, status, time.perf_counter() - start)
+            self.state.metrics.request(route, status, time.perf_counter() - start,
+                                       scope.get(MODEL_SCOPE_KEY, ""))

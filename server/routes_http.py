@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.serving.stream import FINAL, Event, EventKind, SpeechStream
@@ -19,7 +19,8 @@ from server import errors
 from server.audio import CONTENT_TYPES, StreamEncoder, encode
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.schemas import STREAM_FORMATS, SpeechRequest
-from server.speech import Guard, ServerState, describe, get_state, start_speech
+from server.middleware import MODEL_SCOPE_KEY
+from server.speech import Guard, ServerState, get_state, start_speech
 
 log = logging.getLogger("spectts.server")
 router = APIRouter()
@@ -34,7 +35,9 @@ _SPEECH_RESPONSES = {
 async def create_speech(body: SpeechRequest, request: Request,
                         state: ServerState = Depends(get_state)) -> Response:
     """Text to speech, compatible with OpenAI's speech API (plus SpecTTS's decoding fields)."""
-    cfg, speed, voice = state.resolve(body)
+    req = state.resolve(body)
+    model = req.model.name
+    request.scope[MODEL_SCOPE_KEY] = model  # the request metric's model label (ServerMiddleware)
     text = state.check_input(body.input)
     fmt = body.response_format
     if fmt not in state.formats:
@@ -45,46 +48,48 @@ async def create_speech(body: SpeechRequest, request: Request,
     if streaming and fmt not in STREAM_FORMATS:
         raise errors.bad_request(f"streaming supports response_format {' and '.join(STREAM_FORMATS)}"
                                  f", not {fmt!r}", "unsupported_format", "response_format")
-    stream = await start_speech(state, text, cfg, speed, voice)
+    stream = await start_speech(state, text, req)
     guard = Guard(stream, state.settings.request_timeout_s, request)
     if not streaming:
         try:
-            audio, final = await _collect(stream, state)
+            audio, final = await _collect(stream, state, model)
         finally:
             guard.close()
         _raise_for(final, guard, state)
         data = await asyncio.to_thread(encode, audio, stream.service.tts.sample_rate, fmt)
         return Response(data, media_type=CONTENT_TYPES[fmt])
     try:  # wait for the first audio: an error before it is still a JSON error with its status
-        head = await _head(stream, state)
+        head = await _head(stream, state, model)
     except BaseException:
         guard.close()
         raise
     if head[-1].kind in FINAL and head[-1].kind != EventKind.DONE:
         guard.close()
         _raise_for(head[-1], guard, state)
-    out = _Body(stream, head, StreamEncoder(fmt, stream.service.tts.sample_rate), guard, state)
+    out = _Body(stream, head, StreamEncoder(fmt, stream.service.tts.sample_rate), guard, state,
+                model)
     if body.stream_format == "sse":
         return StreamingResponse(_sse(out, len(text)), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
     return StreamingResponse(out, media_type=CONTENT_TYPES[fmt])
 
 
-async def _collect(stream: SpeechStream, state: ServerState) -> tuple[np.ndarray, Event]:
+async def _collect(stream: SpeechStream, state: ServerState, model: str
+                   ) -> tuple[np.ndarray, Event]:
     audio = []
     async for event in stream.events():
-        state.metrics.observe(event)
+        state.metrics.observe(event, model)
         if event.kind == EventKind.AUDIO:
             audio.append(event.audio)
     joined = np.concatenate(audio) if audio else np.zeros(0, np.float32)
     return joined, event
 
 
-async def _head(stream: SpeechStream, state: ServerState) -> list[Event]:
+async def _head(stream: SpeechStream, state: ServerState, model: str) -> list[Event]:
     """Events up to the first audio chunk or the end."""
     head = []
     async for event in stream.events():
-        state.metrics.observe(event)
+        state.metrics.observe(event, model)
         head.append(event)
         if event.kind == EventKind.AUDIO or event.kind in FINAL:
             break
@@ -110,9 +115,9 @@ class _Body:
     ended."""
 
     def __init__(self, stream: SpeechStream, head: list[Event], encoder: StreamEncoder,
-                 guard: Guard, state: ServerState) -> None:
+                 guard: Guard, state: ServerState, model: str) -> None:
         self.stream, self.head, self.encoder = stream, head, encoder
-        self.guard, self.state = guard, state
+        self.guard, self.state, self.model = guard, state, model
         self.final: Event | None = None
 
     async def _events(self) -> AsyncIterator[Event]:
@@ -120,7 +125,7 @@ class _Body:
             yield event
         if self.head[-1].kind not in FINAL:
             async for event in self.stream.events():
-                self.state.metrics.observe(event)
+                self.state.metrics.observe(event, self.model)
                 yield event
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
@@ -170,18 +175,23 @@ async def _sse(body: _Body, characters: int) -> AsyncIterator[bytes]:
 
 @router.get("/v1/models")
 async def list_models(state: ServerState = Depends(get_state)) -> dict:
-    """OpenAI's model list: every accepted model id (they all run the one voice)."""
+    """OpenAI's model list: the served models, the default first (`spectts` and a request without
+    `model` name it)."""
     created = int(time.time())
     return {"object": "list", "data": [{"id": m, "object": "model", "created": created,
-                                        "owned_by": "spectts"} for m in state.model_ids]}
+                                        "owned_by": "spectts"} for m in state.registry.names]}
 
 
 @router.get("/v1/audio/voices")
-async def list_voices(state: ServerState = Depends(get_state)) -> dict:
-    """The voice's speakers; OpenAI's voice names are accepted as aliases of the default one."""
-    tts = state.require().tts
-    aliases = [v for v in state.voice_ids() if v not in tts.voices]
-    return {"voices": [{"id": v, "name": v, "sample_rate": tts.sample_rate,
+async def list_voices(model: str | None = Query(None, max_length=256, description="a served "
+                                                "model; default: the default model"),
+                      state: ServerState = Depends(get_state)) -> dict:
+    """A model's speakers; OpenAI's voice names are accepted as aliases of the default one."""
+    served = state.model(model)
+    tts = served.tts
+    aliases = [v for v in served.voice_ids() if v not in tts.voices]
+    return {"model": served.name,
+            "voices": [{"id": v, "name": v, "sample_rate": tts.sample_rate,
                         "aliases": aliases if v == tts.default_voice else [],
                         "default": v == tts.default_voice, "formats": list(state.formats)}
                        for v in tts.voices]}
@@ -197,13 +207,17 @@ async def health(state: ServerState = Depends(get_state)) -> JSONResponse:
 
 @router.get("/ready")
 async def ready(state: ServerState = Depends(get_state)) -> JSONResponse:
-    """Readiness: 200 once the model is loaded and warmed up, 503 before."""
-    if state.service is None:
-        return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
-    return JSONResponse({"status": "ready", "model": state.voice,
-                         "sample_rate": state.service.tts.sample_rate,
-                         "runner": state.service.tts.engine.runner,
-                         "default": describe(state.default_cfg, state.service.tts)})
+    """Readiness: 200 once every model is loaded and warmed up, 503 before. `models`: each one
+    (name, voice, bundle, sample rate, runner, default decoding); the top-level fields are the
+    default model's."""
+    models = [m.describe() for m in state.loaded()]
+    if not state.ready:
+        return JSONResponse({"status": "loading", "models": models}, status_code=503,
+                            headers={"Retry-After": "5"})
+    default = models[0]
+    return JSONResponse({"status": "ready", "model": default["name"],
+                         "sample_rate": default["sample_rate"], "runner": default["runner"],
+                         "default": default["default"], "models": models})
 
 
 @router.get("/metrics", response_class=Response)

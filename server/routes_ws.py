@@ -2,9 +2,10 @@
 sentence as soon as each sentence is complete — the protocol vLLM-Omni serves at the same path.
 
 Client -> server (JSON text frames, each with a "type"):
-    {"type": "session.config", ...}   the HTTP request's fields except input (model, voice, speed,
-                                      decoding, accept, tau, beta, min_ratio, temperature, top_k, seed, ...);
-                                      stays in effect for every later session on the socket
+    {"type": "session.config", ...}   the HTTP request's fields except input (model: which served
+                                      model speaks; voice, speed, decoding, accept, tau, beta,
+                                      min_ratio, temperature, top_k, seed, ...); stays in effect for
+                                      every later session on the socket
     {"type": "input.text", "text": "..."}   any number; the first one starts a session. A session's
                                       total text has no limit: each message, and the text received
                                       and not yet spoken, may have up to max_input_chars characters
@@ -47,7 +48,7 @@ from server import errors
 from server.audio import pcm16
 from server.middleware import WS_PROTOCOL, authorized_socket
 from server.schemas import InputText, SessionConfig
-from server.speech import Guard, ServerState
+from server.speech import Guard, Resolved, ServerState
 
 log = logging.getLogger("spectts.server")
 router = APIRouter()
@@ -81,7 +82,7 @@ class _Socket:
 
     def __init__(self, ws: WebSocket, state: ServerState) -> None:
         self.ws, self.state = ws, state
-        self.config: tuple | None = None  # (GenerationConfig, speed) from session.config
+        self.config: Resolved | None = None  # the model, config, speed and voice of session.config
         self.stream: SpeechStream | None = None
         self.pump: asyncio.Task | None = None
         self.blank = True  # the session's text so far is only whitespace
@@ -154,26 +155,25 @@ class _Socket:
             if self.config is None:
                 raise errors.bad_request("send session.config before input.text",
                                          "no_session_config")
-            service = self.state.require()
-            cfg, speed, voice = self.config
+            req = self.config
             try:
-                stream = service.open(cfg, speed, voice=voice)
+                stream = req.model.service.open(req.cfg, req.speed, voice=req.voice)
             except Exception as exc:  # noqa: BLE001 — ServiceBusy: 503; ConfigError: 400
                 raise errors.to_api_error(exc, self.state.settings.retry_after_s) from None
         except errors.APIError as exc:
-            self.refused(exc)
+            self.refused(exc, self.config.model.name if self.config is not None else "")
             raise
         self.stream, self.blank = stream, True
-        self.pump = asyncio.create_task(self.run(stream))
+        self.pump = asyncio.create_task(self.run(stream, self.config.model.name))
 
-    async def run(self, stream: SpeechStream) -> None:
-        """Send one session's events; the session ends with session.done."""
+    async def run(self, stream: SpeechStream, model: str) -> None:
+        """Send one session's events (spoken by `model`); the session ends with session.done."""
         guard = Guard(stream, self.state.settings.request_timeout_s)
         rate = stream.service.tts.sample_rate
         final = Event(EventKind.ERROR)
         try:
             async for event in stream.events():
-                self.state.metrics.observe(event)
+                self.state.metrics.observe(event, model)
                 final = event
                 if event.kind == EventKind.QUEUED:
                     await self.send({"type": "session.queued", "position": event.position})
@@ -203,17 +203,17 @@ class _Socket:
         finally:
             guard.close()
             code = 504 if guard.timed_out else _STATUS.get(final.kind, 500)
-            self.state.metrics.request(ROUTE, code, time.perf_counter() - guard.started)
+            self.state.metrics.request(ROUTE, code, time.perf_counter() - guard.started, model)
             self._end(stream)
 
     def _end(self, stream: SpeechStream) -> None:
         if self.stream is stream:
             self.stream, self.pump = None, None
 
-    def refused(self, err: errors.APIError) -> None:
+    def refused(self, err: errors.APIError, model: str = "") -> None:
         """A session refused before it started (a bad session.config, at capacity, not ready)
         counts as a request with the refusal's status, as an HTTP one would."""
-        self.state.metrics.request(ROUTE, err.status, 0.0)
+        self.state.metrics.request(ROUTE, err.status, 0.0, model)
 
     async def send(self, payload: dict) -> None:
         async with self._send:

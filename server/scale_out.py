@@ -1,8 +1,9 @@
 """SpecTTS on Ray Serve: the deployment (one replica = today's app with its own engine) and its options.
 
-A replica is `create_app(settings)` with a loaded, calibrated, started `TTSService`: the same routes,
-errors and per-replica admission control as the single process. The constructor returns only once
-the voice is loaded and warmed up, so Serve sends a replica no traffic before it can speak.
+A replica is `create_app(settings)` with every served model (`settings.models`, or the one
+`bundle`) loaded, calibrated and started, each its own `TTSService`: the same routes, errors and
+per-model admission control as the single process. The constructor returns only once every voice is
+loaded and warmed up, so Serve sends a replica no traffic before it can speak.
 
 Routing and admission across replicas are Serve's: its router sends each request (a WebSocket: its
 whole connection) to the less loaded of two replicas, never more than `max_ongoing_requests` to one;
@@ -49,18 +50,17 @@ def replica_args(settings: Settings) -> dict[str, Any]:
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class SpecTTSReplica:
-    """One replica: a loaded voice, its engine thread, the FastAPI app."""
+    """One replica: every served model loaded with its engine thread, the FastAPI app."""
 
     def __init__(self, args: dict[str, Any]) -> None:
-        from server.app import create_app, load_service
+        from server.app import create_app, load_models
         from server.ray_metrics import RayMetricsExport
 
         settings = Settings(**args)
         logging.basicConfig(level=settings.log_level.upper())
-        service, cfg = load_service(settings)  # blocks until warmed up: no traffic before
         self.api = create_app(settings)
         state = self.api.state.spectts
-        state.attach(service, owned=True, cfg=cfg)  # the app's lifespan stops it at shutdown
+        load_models(state)  # blocks until warmed up: no traffic before; stopped at shutdown
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.export = RayMetricsExport(state.metrics.registry)
 
@@ -68,8 +68,10 @@ class SpecTTSReplica:
         return ReplicaEdge(self.api, self.replica)
 
     def capacity(self) -> int | None:
-        """Streams this replica keeps ahead of real time (`Capacity.streams`), None if unknown."""
-        return self.api.state.spectts.service.capacity.streams()
+        """Streams this replica keeps ahead of real time (`Capacity.streams`): the sum over its
+        models, each of which still admits only its own share; None if one is unknown."""
+        streams = [s.capacity.streams() for s in self.api.state.spectts.services().values()]
+        return None if None in streams else sum(streams)
 
     def __del__(self) -> None:
         if getattr(self, "export", None) is not None:
@@ -112,8 +114,9 @@ class ReplicaEdge:
 
 def deployment_options(settings: Settings, capacity: int | None) -> dict[str, Any]:
     """Serve's options for the deployment. `capacity`: a replica's measured streams ahead of real
-    time (None before one is measured: the engine's batch is the bound)."""
-    max_ongoing = settings.replica_max_ongoing or (capacity + 1 if capacity else settings.max_batch)
+    time (None before one is measured: the engines' batches are the bound, one per model)."""
+    batches = settings.max_batch * len(settings.registry().models)
+    max_ongoing = settings.replica_max_ongoing or (capacity + 1 if capacity else batches)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": settings.replica_num_cpus,
                               "num_gpus": settings.replica_num_gpus},

@@ -1,5 +1,5 @@
 """Request bodies: OpenAI's speech request plus SpecTTS's decoding extensions, and the WebSocket's
-session.config. Static constraints live here; what depends on the loaded voice (model and voice names,
+session.config. Static constraints live here; what depends on the served models (model and voice names,
 the input length limit: `server.speech.ServerState`; the decoding modes the bundle supports: the
 engine, when the request opens) is checked after parsing.
 """
@@ -20,9 +20,6 @@ AudioFormat = Literal[FORMATS]
 # work unchanged; they all sound the same).
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx", "sage",
                  "shimmer", "verse", "marin", "cedar")
-# Model ids accepted besides the bundle's name: OpenAI's TTS models (SDK defaults) and our own name.
-# They all run the same voice with the server's default decoding.
-MODEL_ALIASES = ("spectts", "tts-1", "tts-1-hd")
 
 
 class SpeechOptions(BaseModel):
@@ -30,8 +27,9 @@ class SpeechOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str | None = Field(None, max_length=256, description="tts-1, tts-1-hd, spectts or the "
-                                                               "voice bundle's name; default: spectts")
+    model: str | None = Field(None, max_length=256, description="a served model (GET /v1/models: "
+                              "tts-1, and tts-1-hd where served); spectts or no model: the "
+                              "default model")
     voice: str | None = Field(None, max_length=256, description="a speaker of the voice (GET "
                               "/v1/audio/voices) or an OpenAI voice name (an alias of the "
                               "default speaker)")

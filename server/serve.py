@@ -73,8 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.app import create_app
 
     settings = settings_from_args(args)
-    # ValueError: one line, exit 2
-    preflight(settings.bundle, settings.codec, settings.draft, settings.heads)
+    for spec in settings.registry().models:  # ValueError: one line, exit 2
+        preflight(spec.bundle, spec.codec, spec.draft, spec.heads)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.replicas > 1 or settings.max_replicas or settings.ray_address:

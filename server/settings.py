@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from engine.decoding.sampling import SamplingParams
@@ -17,6 +17,7 @@ from engine.serving.capacity import CAPACITY_MARGIN
 from engine.types import ACCEPTS, DECODINGS, GenerationConfig, default_of, help_of
 from models.runners import RUNNERS
 from models.voices.bundle import DEFAULT_VOICE, PHONEME_DURATIONS
+from server.model_registry import MODELS_HELP, ModelRegistry
 
 Device = Literal["cpu", "cuda", "auto"]
 
@@ -50,6 +51,7 @@ class Settings(BaseSettings):
     heads: Path | None = Field(None, description="draft heads trained for the checkpoint "
                                "(`spectts train-heads --out DIR`), for decoding 'heads' "
                                "(checkpoints served with codec)")
+    models: str | None = Field(None, description=MODELS_HELP)
     device: Device = Field("auto", description="where the model runs (auto: CUDA when available)")
     threads: int | None = Field(None, ge=1, description="torch threads; default 1 on CPU")
     max_len: int = Field(4096, ge=64, description="KV cache length per sequence, in tokens")
@@ -152,6 +154,17 @@ class Settings(BaseSettings):
         if value is None or (isinstance(value, str) and not value.strip()):
             return None
         return value
+
+    @model_validator(mode="after")
+    def _models_are_valid(self) -> Settings:
+        """Bad pairs, repeated names, or codec/draft/heads given with models: refused here."""
+        self.registry()
+        return self
+
+    def registry(self) -> ModelRegistry:
+        """The served models by name (`server.model_registry`): `models`, else one `tts-1` from
+        `bundle`."""
+        return ModelRegistry.build(self.models, self.bundle, self.codec, self.draft, self.heads)
 
     def torch_threads(self, device: str) -> int | None:
         """The torch thread count to set, or None to leave torch alone (CUDA).

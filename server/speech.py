@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field, replace
 
@@ -19,7 +20,8 @@ from engine.types import ConfigError, GenerationConfig
 from server import errors
 from server.audio import supported_formats
 from server.metrics import Metrics
-from server.schemas import MODEL_ALIASES, OPENAI_VOICES, SpeechOptions
+from server.model_registry import ModelRegistry, ModelSpec, UnknownModel
+from server.schemas import OPENAI_VOICES, SpeechOptions
 from server.settings import Settings
 
 MAX_NEW_TOKENS = 10**6  # per request; TextToSpeech caps every sentence by its phonemes
@@ -55,76 +57,143 @@ def describe(cfg: GenerationConfig, tts: TextToSpeech) -> dict:
 
 
 @dataclass
-class ServerState:
-    """One app's state (app.state.spectts): settings, metrics and, once loaded, the service."""
+class ServedModel:
+    """A model being served: its name and bundle, its service (own engine thread) and its default
+    decoding (each voice measures its own "auto")."""
 
-    settings: Settings
-    service: TTSService | None = None
-    default_cfg: GenerationConfig | None = None
-    owns_service: bool = False  # started by the app (stopped at shutdown), not injected
-    load_error: BaseException | None = None
-    formats: tuple[str, ...] = field(default_factory=supported_formats)
-    metrics: Metrics = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: self.service)
-
-    def attach(self, service: TTSService, owned: bool, cfg: GenerationConfig | None = None) -> None:
-        """cfg: the default decoding when already resolved (else `default_config`)."""
-        self.default_cfg = cfg or default_config(self.settings, service.tts)
-        self.service, self.owns_service = service, owned
-
-    def require(self) -> TTSService:
-        if self.service is None:
-            raise errors.not_ready()
-        return self.service
-
-    # --- names ---------------------------------------------------------------------------------
-    @property
-    def voice(self) -> str:
-        return self.service.tts.name if self.service else "default"
+    spec: ModelSpec
+    service: TTSService
+    default_cfg: GenerationConfig
+    owned: bool  # started by the app (stopped at shutdown), not injected
 
     @property
-    def model_ids(self) -> list[str]:
-        return list(dict.fromkeys([*MODEL_ALIASES, self.voice]))
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def tts(self) -> TextToSpeech:
+        return self.service.tts
 
     def voice_ids(self) -> list[str]:
         """The voice's speakers, then OpenAI's names (aliases of the default speaker)."""
-        speakers = list(self.service.tts.voices) if self.service else [self.voice]
-        return list(dict.fromkeys([*speakers, *OPENAI_VOICES]))
+        return list(dict.fromkeys([*self.tts.voices, *OPENAI_VOICES]))
 
     def speaker(self, voice: str | None) -> str | None:
         """A request's voice -> the speaker to use (None: the default); APIError 400 listing the
         speakers for an unknown one."""
         if voice is None or voice in OPENAI_VOICES:
             return None
-        speakers = self.service.tts.voices
-        if voice not in speakers:
-            raise errors.bad_request(f"unknown voice {voice!r}; this server speaks with "
-                                     f"{', '.join(speakers)} (OpenAI's voice names are aliases of "
-                                     f"{self.service.tts.default_voice!r})", "unknown_voice",
+        if voice not in self.tts.voices:
+            raise errors.bad_request(f"unknown voice {voice!r}; model {self.name!r} speaks with "
+                                     f"{', '.join(self.tts.voices)} (OpenAI's voice names are "
+                                     f"aliases of {self.tts.default_voice!r})", "unknown_voice",
                                      "voice")
         return voice
 
+    def describe(self) -> dict:
+        """This model as /ready reports it."""
+        return {"name": self.name, "voice": self.tts.name, "bundle": str(self.spec.bundle),
+                "sample_rate": self.tts.sample_rate, "runner": self.tts.engine.runner,
+                "default": describe(self.default_cfg, self.tts)}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A request's options resolved: the model that speaks it, its GenerationConfig, speed and
+    speaker (None: the voice's default)."""
+
+    model: ServedModel
+    cfg: GenerationConfig
+    speed: float
+    voice: str | None
+
+
+@dataclass
+class ServerState:
+    """One app's state (app.state.spectts): settings, the models it serves (`registry`, from the
+    settings) and, once loaded, each model's service; metrics."""
+
+    settings: Settings
+    models: dict[str, ServedModel] = field(default_factory=dict)  # loaded so far, by name
+    load_error: BaseException | None = None
+    formats: tuple[str, ...] = field(default_factory=supported_formats)
+    registry: ModelRegistry = field(init=False)
+    metrics: Metrics = field(init=False)
+    closed: bool = field(default=False, init=False)  # shut down: a late-loaded service is stopped
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.registry = self.settings.registry()
+        self.metrics = Metrics(self.services)
+
+    def attach(self, name: str, service: TTSService, owned: bool,
+               cfg: GenerationConfig | None = None) -> bool:
+        """Serve `service` as model `name` (a registry name). cfg: its default decoding when
+        already resolved (else `default_config`). False, attaching nothing, once the app has shut
+        down (the caller stops a service it started)."""
+        cfg = cfg or default_config(self.settings, service.tts)
+        spec = self.registry.resolve(name)
+        with self._lock:
+            if self.closed:
+                return False
+            self.models[spec.name] = ServedModel(spec, service, cfg, owned)
+        self.metrics.add_model(spec.name)
+        return True
+
+    def close(self) -> list[ServedModel]:
+        """Shut down: no model attaches after this. Returns the models the app started (to stop)."""
+        with self._lock:
+            self.closed = True
+            return [m for m in self.models.values() if m.owned]
+
+    @property
+    def ready(self) -> bool:
+        """Every model is loaded and warmed up."""
+        return all(name in self.models for name in self.registry.names)
+
+    @property
+    def service(self) -> TTSService | None:
+        """The default model's service (None before it has loaded)."""
+        default = self.models.get(self.registry.default.name)
+        return default.service if default else None
+
+    def services(self) -> dict[str, TTSService]:
+        """The loaded models' services by name (a copy: models attach from the loading thread)."""
+        with self._lock:
+            return {name: m.service for name, m in self.models.items()}
+
+    def loaded(self) -> list[ServedModel]:
+        """The loaded models, in the registry's order (the default first)."""
+        return [self.models[n] for n in self.registry.names if n in self.models]
+
     # --- requests ------------------------------------------------------------------------------
-    def resolve(self, opts: SpeechOptions) -> tuple[GenerationConfig, float, str | None]:
-        """The request's GenerationConfig, speed and speaker (`speaker`); APIError 400 for unknown
-        names. The engine checks the config once, when the request opens (`TTSService.open`:
-        ConfigError -> 400 naming the field)."""
-        self.require()
-        if opts.model is not None and opts.model not in self.model_ids:
-            raise errors.bad_request(f"unknown model {opts.model!r}; this server has "
-                                     f"{', '.join(self.model_ids)}", "unknown_model", "model")
-        voice = self.speaker(opts.voice)
-        cfg = self.default_cfg
+    def model(self, name: str | None) -> ServedModel:
+        """The model a request names (None: the default): APIError 400 `unknown_model` listing the
+        served ones, 503 while it is loading."""
+        try:
+            spec = self.registry.resolve(name)
+        except UnknownModel as exc:
+            raise errors.bad_request(str(exc), "unknown_model", "model") from None
+        served = self.models.get(spec.name)
+        if served is None:
+            raise errors.not_ready()
+        return served
+
+    def resolve(self, opts: SpeechOptions) -> Resolved:
+        """The request's model, GenerationConfig (that model's defaults, then the request's
+        fields), speed and speaker; APIError 400 for unknown names. The engine checks the config
+        once, when the request opens (`TTSService.open`: ConfigError -> 400 naming the field)."""
+        model = self.model(opts.model)
+        voice = model.speaker(opts.voice)
+        cfg = model.default_cfg
         sampling = {k: getattr(opts, k) for k in ("temperature", "top_k", "top_p",
                                                    "repetition_penalty")
                     if getattr(opts, k) is not None}
         decoding = {k: getattr(opts, k) for k in ("decoding", "accept", "tau", "beta", "min_ratio",
                                                    "gamma", "seed")
                     if getattr(opts, k) is not None}
-        return (replace(cfg, sampling=replace(cfg.sampling, **sampling), **decoding), opts.speed,
-                voice)
+        return Resolved(model, replace(cfg, sampling=replace(cfg.sampling, **sampling), **decoding),
+                        opts.speed, voice)
 
     def check_input(self, text: str) -> str:
         if not text.strip():
@@ -141,14 +210,14 @@ def get_state(conn: HTTPConnection) -> ServerState:
     return conn.app.state.spectts
 
 
-async def start_speech(state: ServerState, text: str, cfg: GenerationConfig, speed: float,
-                       voice: str | None = None) -> SpeechStream:
-    """service.speak in a worker thread (phonemising takes milliseconds: never on the event loop).
-    APIError 400 for unspeakable text, 503 when the queue is full."""
-    service = state.require()
+async def start_speech(state: ServerState, text: str, request: Resolved) -> SpeechStream:
+    """The request's model speaks `text`: service.speak in a worker thread (phonemising takes
+    milliseconds: never on the event loop). APIError 400 for unspeakable text, 503 when the queue
+    is full."""
     loop = asyncio.get_running_loop()
     try:
-        return await asyncio.to_thread(service.speak, text, cfg, speed, loop, voice)
+        return await asyncio.to_thread(request.model.service.speak, text, request.cfg,
+                                       request.speed, loop, request.voice)
     except ConfigError as exc:  # the engine cannot run this config (checked once, here)
         raise errors.to_api_error(exc) from None
     except ValueError as exc:

@@ -289,6 +289,7 @@ def test_page_asks_for_the_key_then_fills_its_pickers(tab, server, api):
     tab.enter_key(KEY)  # kept in sessionStorage, the lists reloaded
     models = [m["id"] for m in api.get("/v1/models").json()["data"]]
     tab.wait(lambda: tab.options("model") == models, "the model picker is not the API's list")
+    assert not tab.el("model-picker").is_displayed()  # one model: nothing to pick
     voice = api.get("/v1/audio/voices").json()["voices"][0]
     assert tab.options("voice") == [voice["id"], *voice["aliases"]]
     assert tab.error() is None

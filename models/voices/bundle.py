@@ -122,6 +122,18 @@ def new_heads(target: LlamaForCausalLM, spec: HeadsSpec, dtype: torch.dtype | No
                  weight.device, dtype or weight.dtype)
 
 
+def bundle_name(path: str | Path) -> str:
+    """The name a voice gives itself: "name" in its spectts.json, else its directory's name (an
+    Orpheus checkpoint, a bare Llama directory). Reads no weights."""
+    path = Path(path)
+    try:
+        raw = json.loads((path / BUNDLE_FILE).read_text())
+    except (OSError, ValueError):
+        return path.name
+    name = raw.get("name") if isinstance(raw, dict) else None
+    return name if isinstance(name, str) and name else path.name
+
+
 def save_bundle(bundle: Bundle, path: str | Path, extra: dict | None = None) -> None:
     """Write target, draft and heads and a spectts.json that describes them (plus `extra` keys)."""
     path = Path(path)

@@ -131,20 +131,29 @@ function fill(select, ids, preferred) {
 async function loadLists() {
   clearError();
   try {
-    const [models, voices] = await Promise.all([getJSON("v1/models"), getJSON("v1/audio/voices")]);
-    fill($("model"), models.data.map((m) => m.id), "spectts");
-    const voice = voices.voices[0];
-    fill($("voice"), voices.voices.flatMap((v) => [v.id, ...v.aliases]), voice.id);
-    sampleRate = voice.sample_rate;
+    const models = await getJSON("v1/models");
+    const ids = models.data.map((m) => m.id);
+    fill($("model"), ids, ids[0]); // the first is the server's default model
+    $("model-picker").hidden = ids.length < 2; // one model: nothing to pick
+    await loadModel();
   } catch (err) {
     showError(err);
     if (err.error?.code === "not_ready") setTimeout(loadLists, (err.retryAfter ?? 5) * 1000);
-    return;
   }
+}
+
+// The chosen model's voices, sample rate and default decoding.
+async function loadModel() {
+  const model = $("model").value;
+  const voices = await getJSON(`v1/audio/voices?model=${encodeURIComponent(model)}`);
+  const voice = voices.voices[0];
+  fill($("voice"), voices.voices.flatMap((v) => [v.id, ...v.aliases]), voice.id);
+  sampleRate = voice.sample_rate;
   try {
     const ready = await getJSON("ready");
-    const tree = ready.default.tree_nodes ? `, ${ready.default.tree_nodes}-node tree` : "";
-    $("decoding").options[0].textContent = `auto (server default: ${ready.default.decoding}${tree})`;
+    const chosen = (ready.models ?? []).find((m) => m.name === model) ?? ready;
+    const tree = chosen.default.tree_nodes ? `, ${chosen.default.tree_nodes}-node tree` : "";
+    $("decoding").options[0].textContent = `auto (server default: ${chosen.default.decoding}${tree})`;
   } catch {
     // /ready is informative only
   }
@@ -265,6 +274,10 @@ $("api-key").addEventListener("change", (event) => {
 });
 $("speed").addEventListener("input", (event) => {
   $("speed-value").textContent = `${Number(event.target.value).toFixed(2)}×`;
+});
+$("model").addEventListener("change", () => {
+  clearError();
+  loadModel().catch(showError);
 });
 $("speak").addEventListener("click", speak);
 $("stop").addEventListener("click", stop);
