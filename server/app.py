@@ -28,9 +28,9 @@ from server.speech import CALIBRATION_TEXT, ServerState, default_config
 log = logging.getLogger("spectts.server")
 
 
-def load_voice(settings: Settings, spec: ModelSpec):
-    """A model's voice as the server runs it: device, torch threads, cache sizes, runner
-    (blocking). Returns the TextToSpeech (or a family's counterpart)."""
+def load_voice(settings: Settings, spec: ModelSpec | None = None):
+    """A model's voice (None: the default model) as the server runs it: device, torch threads,
+    cache sizes, runner (blocking). Returns the TextToSpeech (or a family's counterpart)."""
     import sys
 
     from engine.decoding.engine import resolve_device
@@ -40,6 +40,7 @@ def load_voice(settings: Settings, spec: ModelSpec):
     # the engine thread gives the GIL up in every torch op; with Python's default 5 ms a busy event
     # loop (many WebSocket handshakes) can keep it that long each time
     sys.setswitchinterval(settings.switch_interval_s)
+    spec = spec or settings.registry().default
     device = resolve_device(settings.device)
     threads = settings.torch_threads(device.type)
     if threads:
@@ -51,11 +52,13 @@ def load_voice(settings: Settings, spec: ModelSpec):
                     phoneme_durations=settings.phoneme_durations, runner=settings.runner)
 
 
-def load_service(settings: Settings, spec: ModelSpec) -> tuple[TTSService, GenerationConfig]:
+def load_service(settings: Settings, spec: ModelSpec | None = None
+                 ) -> tuple[TTSService, GenerationConfig]:
     """Load a model's voice (`load_voice`), resolve its default decoding ("auto" measures), warm
     it up and start its engine thread (blocking: run it in a thread)."""
     import torch
 
+    spec = spec or settings.registry().default
     tts = load_voice(settings, spec)
     service = TTSService(tts, queue_size=settings.queue_size,
                          first_chunk_frames=settings.first_chunk_frames,

@@ -30,3 +30,17 @@ def test_a_session_refused_while_the_client_sends_is_a_refusal():
 
     r = asyncio.run(run())
     assert r["refused"] and r["error"] is None and r["retry_after"] == 3.0 and r["audio"] == 0.0
+
+
+def test_the_offline_capacity_loads_the_voice_as_the_server_does(tiny_voice):
+    """The bench's offline baseline (`bench load`'s first figures) runs the served voice: it gives
+    audio for every sentence, at some positive rate."""
+    import argparse
+
+    from bench.offline import capacities_for_load
+
+    args = argparse.Namespace(threads=1, max_batch=2, decoding="plain", accept="exact",
+                              bundle=str(tiny_voice), requests_per_client=1)
+    out = capacities_for_load(args, [1, 2], ["batched"], ["Hello there.", "A second one."])
+    assert set(out) == {1, 2}
+    assert all(r["sentences"] == 2 and r["audio_seconds_per_second"] > 0 for r in out.values())
