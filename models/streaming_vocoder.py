@@ -24,12 +24,14 @@ Cost per pass: one read of the weights, plus O(new frames) for all streams toget
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from models.vocoder import CausalVocos
+from models.vocoder import CausalConvNeXtBlock, CausalVocos
 
 
 class Linear:
@@ -38,11 +40,11 @@ class Linear:
     F.linear elsewhere. The same values as `nn.Linear` to float rounding."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        self.weight, self.bias = weight.detach().contiguous(), bias.detach().contiguous()
-        self.packed = None
-        if (self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+        weight, self.bias = weight.detach().contiguous(), bias.detach().contiguous()
+        self.weight, self.packed = weight, None
+        if (weight.device.type == "cpu" and weight.dtype == torch.float32
                 and torch.backends.mkldnn.is_available()):
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, None)
+            self.weight, self.packed = None, torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def __call__(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if self.packed is not None:
@@ -52,44 +54,55 @@ class Linear:
         return F.gelu(y) if gelu else y
 
 
+@dataclass(frozen=True)
+class Block:
+    """A ConvNeXt block for rows: x + pw2(gelu(pw1(norm(depthwise causal conv(x))))), gamma folded
+    into pw2."""
+
+    dw: torch.Tensor  # (k, dim): the depthwise conv's taps, oldest input first
+    dw_bias: torch.Tensor  # (dim,)
+    norm: nn.LayerNorm
+    pw1: Linear
+    pw2: Linear
+
+    @classmethod
+    def of(cls, block: CausalConvNeXtBlock) -> Block:
+        gamma = block.gamma.detach()  # (dim,)
+        return cls(block.dwconv.weight.detach()[:, 0, :].t().contiguous(),
+                   block.dwconv.bias.detach(), block.norm,
+                   Linear(block.pwconv1.weight, block.pwconv1.bias),
+                   Linear(block.pwconv2.weight * gamma[:, None], block.pwconv2.bias * gamma))
+
+
 class Prepared:
     """A model's weights laid out for the streaming pass, built once per model (`prepared`).
 
-    conv_in (out, in, k) becomes one linear over a window's k inputs flattened (k * in); each
-    depthwise conv (C, 1, k) a (k, C) table; a block's layer scale gamma is folded into its second
-    linear. Overlap-add tables: `window` zero-padded to r * hop; `envelope[a, b]` (hop,) the summed
-    squared window of frame offsets a..b within a block (a block m of fold positions gets the
-    frames m - i for i in 0..r-1 that exist)."""
+    conv_in (out, in, k) becomes one linear over a window's k inputs flattened (k * in); each block
+    a `Block`. Overlap-add tables: `window` (n_fft,); `envelope[a, b]` (hop,) the summed squared
+    window of frame offsets a..b within a block of hop fold positions (block m gets the frames
+    m - i, i in 0..r-1, that exist)."""
 
     def __init__(self, model: CausalVocos) -> None:
-        cfg, p = model.cfg, model.parameters()
-        self.cfg, self.k, self.device = cfg, cfg.kernel, next(p).device
-        self.r = -(-cfg.n_fft // cfg.hop)
+        cfg = model.cfg
+        self.cfg, self.k, self.device = cfg, cfg.kernel, model.embed.weight.device
+        self.r = -(-cfg.n_fft // cfg.hop)  # frames reaching one block
         self.pad = cfg.overlap_samples
         with torch.no_grad():
-            self.embed = model.embed.weight.detach()
-            w = model.conv_in.weight.detach()  # (dim, n_mels, k)
+            self.embed = model.embed.weight.detach()  # (num_tokens, n_mels)
+            w = model.conv_in.weight.detach()  # (dim, n_mels, k) -> (dim, k * n_mels)
             self.conv_in = Linear(w.permute(0, 2, 1).reshape(w.shape[0], -1), model.conv_in.bias)
-            self.norm_in = model.norm_in
-            self.blocks = []
-            for b in model.blocks:
-                dw = b.dwconv.weight.detach()[:, 0, :].t().contiguous()  # (k, dim)
-                gamma = b.gamma.detach()[:, None]
-                self.blocks.append((dw, b.dwconv.bias.detach(), b.norm, Linear(b.pwconv1.weight,
-                                    b.pwconv1.bias), Linear(b.pwconv2.weight * gamma,
-                                                            b.pwconv2.bias * gamma[:, 0])))
-            self.norm_out = model.norm_out
+            self.norm_in, self.norm_out = model.norm_in, model.norm_out
+            self.blocks = [Block.of(b) for b in model.blocks]
             self.head = Linear(model.head.out.weight, model.head.out.bias)
-            window = model.head.istft.window.detach()  # (n_fft,)
-            self.window = window
-            sq = F.pad(window.square(), (0, self.r * cfg.hop - cfg.n_fft)).reshape(self.r, cfg.hop)
-            sq = sq.cpu().numpy()
-            env = np.zeros((self.r, self.r, cfg.hop), dtype=np.float32)
-            for a in range(self.r):
-                for b in range(a, self.r):
-                    env[a, b] = sq[a:b + 1].sum(0)
-            env[env == 0] = 1.0  # only where no window reaches: positions the "same" trim drops
-            self.envelope = env
+            self.window = model.head.istft.window.detach()  # (n_fft,)
+            sq = F.pad(self.window.square(), (0, self.r * cfg.hop - cfg.n_fft))  # (r * hop,)
+            sq = sq.reshape(self.r, cfg.hop).cpu().numpy()
+        env = np.zeros((self.r, self.r, cfg.hop), dtype=np.float32)
+        for a in range(self.r):
+            for b in range(a, self.r):
+                env[a, b] = sq[a:b + 1].sum(0)
+        env[env == 0] = 1.0  # only where no window reaches: positions the "same" trim drops
+        self.envelope = env
         # conv context channels, in the order of the convs: conv_in's input, then each block's
         self.channels = [cfg.n_mels] + [cfg.dim] * len(self.blocks)
         self.versions = _versions(model)
@@ -122,9 +135,9 @@ class Prepared:
         x = F.embedding(tokens, self.embed)  # (R, n_mels)
         x = self.conv_in(conv_inputs(x, cfg.n_mels).reshape(R, -1))  # (R, dim)
         x = self.norm_in(x)
-        for dw, dw_bias, norm, pw1, pw2 in self.blocks:
-            y = (conv_inputs(x, cfg.dim) * dw).sum(1) + dw_bias  # (R, dim): depthwise causal conv
-            x = x + pw2(pw1(norm(y), gelu=True))
+        for b in self.blocks:
+            y = (conv_inputs(x, cfg.dim) * b.dw).sum(1) + b.dw_bias  # (R, dim): the causal conv
+            x = x + b.pw2(b.pw1(b.norm(y), gelu=True))
         spec = self.head(self.norm_out(x))  # (R, n_fft + 2)
         mag, phase = spec.chunk(2, dim=1)  # (R, n_fft // 2 + 1) each
         mag = torch.exp(mag).clip(max=1e2)  # as vocos' ISTFTHead

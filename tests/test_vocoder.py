@@ -308,3 +308,19 @@ def test_new_streams_follow_weights_changed_in_place(tiny):
     assert after.prepared is not before.prepared
     audio = np.concatenate([after.push(tokens), after.flush()])
     assert np.abs(audio - want).max() < 1e-5
+
+
+@pytest.mark.cuda
+def test_streaming_on_cuda_equals_offline_there(tiny):
+    """On CUDA the pass runs torch's F.linear on the device and overlap-adds on the host. Offline
+    decoding's convolutions there use TF32 by default (cuDNN; the pass's linears do not), so the
+    reference is taken without cuDNN, in full float32."""
+    model = copy.deepcopy(tiny).to("cuda")
+    assert prepared(model).head.packed is None
+    rng = np.random.default_rng(9)
+    utterances = [[rng.integers(0, 16, 50)] for _ in range(3)]
+    got = push_in_rounds(model, utterances, [[1], [6, 9], [13]], rounds=60)
+    for audio, [u] in zip(got, utterances):
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):
+            want = model(torch.as_tensor(u, device="cuda")[None])[0].cpu().numpy()
+        assert audio.shape == want.shape and np.abs(audio - want).max() < 1e-4
