@@ -166,13 +166,13 @@ class TextToSpeech:
         return interleaved.speech_tokens(self.layout, tokens[scanned:]), len(tokens)
 
     def stream_decoder(self):
-        from models.vocoder import StreamingVocoder
+        from models.streaming_vocoder import StreamingVocoder
 
         return StreamingVocoder(self.vocoder)
 
     @staticmethod
     def push_many(decoders: list, frames: list) -> list[np.ndarray]:
-        from models.vocoder import push_many
+        from models.streaming_vocoder import push_many
 
         return push_many(decoders, frames)
 

@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 BENCHES = {"engine": "bench.engine_bench", "load": "bench.load", "soak": "bench.soak",
-           "voice": "bench.eval_voice", "profile-load": "bench.profile_load"}
+           "voice": "bench.eval_voice", "profile-load": "bench.profile_load",
+           "vocoder-stream": "bench.vocoder_stream"}
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -56,7 +56,7 @@ def test_bad_input_exits_2_with_one_line(bundle_dir, args, capsys):
     assert err and "\n" not in err and "error" in err
 
 
-@pytest.mark.parametrize("name", ["engine", "load", "voice", "profile-load"])
+@pytest.mark.parametrize("name", ["engine", "load", "voice", "profile-load", "vocoder-stream"])
 def test_bench_subcommand_reaches_the_benchmark(name, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", name, "--help"])

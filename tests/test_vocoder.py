@@ -1,5 +1,6 @@
 """Causal Vocos vocoder: shapes, causality bound, streaming == offline, save/load, training smoke run."""
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -7,7 +8,8 @@ import pytest
 import torch
 
 from models.recipes.train_vocoder import CropSampler, load_corpus, main as train_main, resynthesize
-from models.vocoder import CausalVocos, StreamingVocoder, VocoderConfig, push_many
+from models.streaming_vocoder import StreamingVocoder, prepared, push_many
+from models.vocoder import CausalVocos, VocoderConfig
 
 TINY = dict(num_tokens=16, dim=32, intermediate=64, num_blocks=2, kernel=7)
 HOP = 441
@@ -87,7 +89,7 @@ def test_streaming_equals_offline(tiny, seed):
         assert got.dtype == np.float32 and got.shape == ref.shape
         assert np.abs(got - ref).max() < 1e-4
         assert np.abs(ref).max() > 1e-3
-        assert sv._feats.shape[1] == 0 and sv.num_frames == 0
+        assert sv.num_frames == 0 and sv._context is None  # flush() reset the stream
 
 
 def test_pushing_several_streams_at_once_equals_each_alone(tiny):
@@ -122,11 +124,14 @@ def test_pushing_several_streams_at_once_equals_each_alone(tiny):
 
 
 def test_streaming_cost_is_bounded(tiny):
-    """The stream keeps only the few feature frames the ISTFT still needs, not the history."""
+    """The stream keeps only each conv's last kernel - 1 inputs and the overlap-add tail the ISTFT's
+    later frames still reach (n_fft - hop samples), not the history."""
     sv = StreamingVocoder(tiny)
     for _ in range(40):
         sv.push(list(range(10)))
-    assert sv.num_frames == 400 and sv._feats.shape[1] <= 10 + 4
+    cfg = tiny.cfg
+    assert sv.num_frames == 400 and sv._tail.size == cfg.n_fft - cfg.hop
+    assert sv._context.shape == (cfg.kernel - 1, cfg.n_mels + cfg.dim * cfg.num_blocks)
 
 
 def test_save_load_round_trip(tiny, tmp_path):
@@ -210,3 +215,112 @@ def test_training_smoke_and_resume(tmp_path, capsys):
     exported = CausalVocos.load(tmp_path / "out")
     assert exported.cfg.dim == 32
     assert all(torch.equal(v, ckpt["model"][k]) for k, v in exported.state_dict().items())
+
+
+def push_in_rounds(model, utterances, schedules, rounds: int) -> list[np.ndarray]:
+    """Every stream pushed its next chunk (schedule[r % len]) in one batched pass per round; a
+    stream whose utterance is done flushes it and starts the next one (a list of utterances per
+    stream). Returns each stream's audio, utterance after utterance."""
+    streams = [StreamingVocoder(model) for _ in utterances]
+    place = [[0, 0] for _ in utterances]  # (utterance, frames pushed of it)
+    audio = [[] for _ in utterances]
+    for r in range(rounds):
+        chunks = []
+        for (u, done), utts, sched in zip(place, utterances, schedules):
+            n = sched[r % len(sched)] if u < len(utts) else 0
+            chunks.append(utts[u][done:done + n] if u < len(utts) else [])
+        for i, out in enumerate(push_many(streams, chunks)):
+            audio[i].append(out)
+            place[i][1] += len(chunks[i])
+            u, done = place[i]
+            if u < len(utterances[i]) and done == len(utterances[i][u]):
+                audio[i].append(streams[i].flush())
+                place[i] = [u + 1, 0]
+    assert all(u == len(utts) for (u, _), utts in zip(place, utterances)), "rounds too few"
+    return [np.concatenate(a) for a in audio]
+
+
+def test_many_streams_of_different_chunk_sizes_in_one_pass_equal_offline(tiny):
+    """Twelve streams in the same batched passes, each with its own chunk sizes (single frames,
+    fewer frames than a conv's context, more than the receptive field, pauses, a late start), some
+    speaking a second utterance after their flush: each stream's audio equals offline decoding of
+    each of its utterances."""
+    rng = np.random.default_rng(7)
+    schedules = [[1], [2], [3], [5], [6, 6, 9, 13, 20, 30, 40], [7], [0, 0, 0, 8], [13], [40], [1, 0],
+                 list(rng.integers(0, 12, 17)) + [1], [4, 25, 2]]
+    utterances = [[rng.integers(0, 16, int(n)) for n in rng.integers(20, 90, 1 + i % 2)]
+                  for i in range(len(schedules))]
+    got = push_in_rounds(tiny, utterances, schedules, rounds=400)
+    for audio, utts in zip(got, utterances):
+        with torch.no_grad():
+            want = np.concatenate([tiny(torch.as_tensor(u)[None])[0].numpy() for u in utts])
+        assert audio.shape == want.shape and np.abs(audio - want).max() < 1e-5
+
+
+def test_a_pass_replaces_the_state_so_a_shallow_copy_is_a_snapshot(tiny):
+    """The service retries a failed batched pass stream by stream from shallow copies of the
+    decoders taken before it (`engine.serving.vocoding`): a pass must replace a decoder's state,
+    never change it in place. Restored after a pass, a decoder gives that pass's samples again and
+    goes on to the offline audio."""
+    rng = np.random.default_rng(11)
+    tokens = [rng.integers(0, 16, 60) for _ in range(3)]
+    streams = [StreamingVocoder(tiny) for _ in tokens]
+    first = push_many(streams, [t[:20] for t in tokens])
+    saved = [copy.copy(s) for s in streams]
+    second = push_many(streams, [t[20:27] for t in tokens])
+    for s, before in zip(streams, saved):
+        vars(s).update(vars(before))
+    again = push_many(streams, [t[20:27] for t in tokens])
+    for a, b in zip(second, again):
+        assert np.array_equal(a, b)
+    for i, (s, t) in enumerate(zip(streams, tokens)):
+        audio = np.concatenate([first[i], again[i], s.push(t[27:]), s.flush()])
+        with torch.no_grad():
+            assert np.abs(audio - tiny(torch.as_tensor(t)[None])[0].numpy()).max() < 1e-5
+
+
+def test_plain_linears_give_the_samples_of_reordered_ones(tiny, monkeypatch):
+    """Off the CPU's oneDNN path (another device, no mkldnn) the pass uses torch's F.linear: the same
+    samples to float rounding."""
+    rng = np.random.default_rng(5)
+    utterances = [[rng.integers(0, 16, 70)] for _ in range(4)]
+    schedules = [[3], [6, 9], [1, 4], [11]]
+    packed = push_in_rounds(tiny, utterances, schedules, rounds=80)
+    assert prepared(tiny).head.packed is not None or not torch.backends.mkldnn.is_available()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    plain_model = copy.deepcopy(tiny)  # its own prepared weights, built without mkldnn
+    assert prepared(plain_model).head.packed is None
+    plain = push_in_rounds(plain_model, utterances, schedules, rounds=80)
+    for a, b in zip(packed, plain):
+        assert a.shape == b.shape and np.abs(a - b).max() < 1e-5
+
+
+def test_new_streams_follow_weights_changed_in_place(tiny):
+    """A model's prepared weights are rebuilt when its parameters change (loading, fine-tuning):
+    a stream started after the change decodes with the new weights."""
+    model = copy.deepcopy(tiny)
+    tokens = np.random.default_rng(2).integers(0, 16, 40)
+    before = StreamingVocoder(model)
+    with torch.no_grad():
+        model.blocks[0].pwconv1.weight.mul_(1.5)
+        want = model(torch.as_tensor(tokens)[None])[0].numpy()
+    after = StreamingVocoder(model)
+    assert after.prepared is not before.prepared
+    audio = np.concatenate([after.push(tokens), after.flush()])
+    assert np.abs(audio - want).max() < 1e-5
+
+
+@pytest.mark.cuda
+def test_streaming_on_cuda_equals_offline_there(tiny):
+    """On CUDA the pass runs torch's F.linear on the device and overlap-adds on the host. Offline
+    decoding's convolutions there use TF32 by default (cuDNN; the pass's linears do not), so the
+    reference is taken without cuDNN, in full float32."""
+    model = copy.deepcopy(tiny).to("cuda")
+    assert prepared(model).head.packed is None
+    rng = np.random.default_rng(9)
+    utterances = [[rng.integers(0, 16, 50)] for _ in range(3)]
+    got = push_in_rounds(model, utterances, [[1], [6, 9], [13]], rounds=60)
+    for audio, [u] in zip(got, utterances):
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=False):
+            want = model(torch.as_tensor(u, device="cuda")[None])[0].cpu().numpy()
+        assert audio.shape == want.shape and np.abs(audio - want).max() < 1e-4
