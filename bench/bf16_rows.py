@@ -56,7 +56,7 @@ def attention_table(trials: int = 20, n: int = 9, heads: int = 8, kv_heads: int 
     first L keys (a view), the keys past its count masked. Counted: trials where some query's
     output differs from its reference."""
     block = invariant_attention.KEY_BLOCK
-    alone = in_group = zero_padding = one_call = 0
+    unpadded = in_group = zero_padding = one_call = 0
     for _ in range(trials):
         length = block * int(torch.randint(1, 10, ()))
         keys = torch.randn(1, kv_heads, length, head_dim, dtype=torch.bfloat16)
@@ -74,7 +74,7 @@ def attention_table(trials: int = 20, n: int = 9, heads: int = 8, kv_heads: int 
         zero_padding += not torch.equal(zeroed, ref)
         exact = torch.cat([SDPA(q[i:i + 1], keys[:, :, :c], values[:, :, :c], enable_gqa=True)
                            for i, c in enumerate(counts.tolist())])  # unpadded, unmasked
-        alone += not torch.equal(exact, ref)
+        unpadded += not torch.equal(exact, ref)
         together = SDPA(q.transpose(0, 2), keys, values, attn_mask=mask.transpose(0, 2),
                         enable_gqa=True).transpose(0, 2)  # (1, H, n, hd): q_len n, masked
         one_call += not torch.equal(together, ref)
@@ -84,7 +84,7 @@ def attention_table(trials: int = 20, n: int = 9, heads: int = 8, kv_heads: int 
           f"| in one call of {n} one-query attentions (`models.invariant_attention`) | {in_group} |\n"
           f"| with its masked padding keys and values zero instead of random | {zero_padding} |\n"
           f"| alone over exactly its own keys, unpadded and unmasked (another sum: so every "
-          f"path pads alike) | {alone} |\n"
+          f"path pads alike) | {unpadded} |\n"
           f"| {n} queries in one masked call (q_len {n}: the engine's call in float32) | "
           f"{one_call} |")
 
