@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from models import invariant_attention
+
 
 @dataclass(frozen=True)
 class BlockLayout:
@@ -30,6 +32,8 @@ class BlockLayout:
     rows: tuple[torch.Tensor, torch.Tensor] | None  # B > 1: see `KVCache.layout`
     attn_mask: torch.Tensor | None  # (B or range, 1, T, S) bool, True = may attend; None: all
     span: int  # S
+    # batch-invariant attention's calls (`KVCache.batch_invariant`), else None
+    queries: tuple[invariant_attention.QueryGroup, ...] | None = None
 
 
 def ancestor_mask(parents: list[int]) -> np.ndarray:
@@ -56,12 +60,17 @@ def depths(parents: list[int]) -> list[int]:
 class KVCache:
     def __init__(self, num_layers: int, max_batch: int, num_kv_heads: int, max_len: int,
                  head_dim: int, dtype: torch.dtype = torch.float32,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", batch_invariant: bool | None = None) -> None:
+        """batch_invariant: attention gives each query the same bits whatever else the forward
+        holds (`models.invariant_attention`), which exact speculation needs in half precision;
+        None: where `invariant_attention.batch_invariant` says (half precision on the CPU)."""
         shape = (num_layers, max_batch, num_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_batch, self.max_len = max_batch, max_len
         self.device = torch.device(device)
+        self.batch_invariant = (invariant_attention.batch_invariant(dtype, self.device)
+                                if batch_invariant is None else batch_invariant)
         self.lengths = [0] * max_batch  # committed entries per slot
         self._free = list(range(max_batch - 1, -1, -1))
 
@@ -133,13 +142,15 @@ class KVCache:
         if not B == T == 1:
             mask = np.zeros((end - first if gaps else B, 1, T, span), dtype=bool)
             mask[:, 0, :, 0] = True  # padding and idle rows attend to one entry: softmax stays finite
+        ancestors = ([ancestor_mask(par) for par in parents]
+                     if mask is not None or self.batch_invariant else [])  # (n, n) each
         for b, (s, start, par) in enumerate(zip(slots, starts, parents)):
             n, i = len(par), places[b]
             positions[b, :n] = start + np.asarray(depths(par))
             if mask is not None:
                 mask[i, 0, :n] = False
                 mask[i, 0, :n, :start] = True
-                mask[i, 0, :n, start:start + n] = ancestor_mask(par)
+                mask[i, 0, :n, start:start + n] = ancestors[b]
         dev = self.device
         rows = None  # one sequence writes a slice (`writes`)
         if B > 1:  # the real rows, packed: each one's row in the (B T) block, and for each kv
@@ -158,13 +169,14 @@ class KVCache:
                            writes=[(s, start, len(par)) for s, start, par in zip(slots, starts, parents)],
                            rows=rows,
                            attn_mask=None if mask is None else torch.from_numpy(mask).to(dev),
-                           span=span)
+                           span=span,
+                           queries=invariant_attention.plan(list(zip(slots, starts, ancestors)),
+                                                            self.k.shape[2], self.max_len, dev)
+                           if self.batch_invariant else None)
 
-    def update(self, layer: int, layout: BlockLayout, k: torch.Tensor,
-               v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write(self, layer: int, layout: BlockLayout, k: torch.Tensor, v: torch.Tensor) -> None:
         """Write the block's k, v into the cache: (1, T, Hkv, hd) for one sequence, (1, R, Hkv, hd)
-        packed real rows for several (`rows`). Returns the keys and values the block attends to,
-        (B or the slot range, Hkv, S, hd) each."""
+        packed real rows for several (`rows`)."""
         kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
         if layout.rows is None:  # one sequence: a slice (no index tensors to build or read)
             slot, start, n = layout.writes[0]
@@ -175,17 +187,22 @@ class KVCache:
             hd = k.shape[-1]
             kc.view(-1, hd).index_copy_(0, dest, k[0].reshape(-1, hd))
             vc.view(-1, hd).index_copy_(0, dest, v[0].reshape(-1, hd))
-        if layout.slot_range is not None:
-            first, end = layout.slot_range
-            return kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]
-        return kc[layout.slots, :, :layout.span], vc[layout.slots, :, :layout.span]
 
     def attend(self, layer: int, layout: BlockLayout, q: torch.Tensor, k: torch.Tensor,
                v: torch.Tensor) -> torch.Tensor:
         """Write the block's k, v, then attend: q over the cached and new entries each token may see
         (the layout's mask). q (1, T, H, hd) for one sequence or (1, R, H, hd) packed real rows
-        (k, v alike, with Hkv heads); returns the same shape as q."""
-        keys, values = self.update(layer, layout, k, v)
+        (k, v alike, with Hkv heads); returns the same shape as q. Batch-invariant: one
+        one-query call per group of queries instead (`models.invariant_attention`)."""
+        self.write(layer, layout, k, v)
+        kc, vc = self.k[layer], self.v[layer]  # (max_batch, Hkv, max_len, hd)
+        if layout.queries is not None:
+            return invariant_attention.attend(kc, vc, q, layout.queries)
+        if layout.slot_range is not None:  # the keys and values the block attends to,
+            first, end = layout.slot_range  # (B or the slot range, Hkv, S, hd) each
+            keys, values = kc[first:end, :, :layout.span], vc[first:end, :, :layout.span]
+        else:
+            keys, values = kc[layout.slots, :, :layout.span], vc[layout.slots, :, :layout.span]
         B, T = layout.positions.shape
         H, hd = q.shape[2:]
         if layout.rows is not None:  # unpack: (B, T) rows, padding zero

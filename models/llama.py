@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from models.invariant_attention import batch_invariant
+
 if TYPE_CHECKING:
     from models.kv_cache import BlockLayout, KVCache
 
@@ -155,8 +157,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 def project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x (..., in) @ weight_t (in, out) [+ bias]: a linear layer with its weight stored transposed,
-    which this machine's BLAS multiplies about 20 % faster than F.linear's (out, in) at 1-33 rows."""
-    y = torch.matmul(x, weight_t)
+    which this machine's BLAS multiplies about 20 % faster than F.linear's (out, in) at 1-33 rows.
+    In half precision on the CPU one row runs as two (itself twice, the first kept): a product
+    gives a row the same bits at any 2+ rows, but the one-row product takes another kernel
+    (gemv) whose bits differ, and exact speculation needs a token's bits not to depend on the
+    rows beside it (with `models.invariant_attention`; docs/engine.md, 2026-12-07)."""
+    if x.numel() == x.shape[-1] and batch_invariant(x.dtype, x.device):
+        flat = x.reshape(1, -1)
+        y = torch.matmul(torch.cat((flat, flat)), weight_t)[:1].view(*x.shape[:-1], -1)
+    else:
+        y = torch.matmul(x, weight_t)
     return y if bias is None else y + bias
 
 

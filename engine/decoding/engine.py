@@ -62,8 +62,10 @@ class Engine:
         self.draft_cache = None
         if self.draft is not None:
             d = self.draft.config
+            # the draft only proposes: its numbers need not be batch-invariant, the target's do
             self.draft_cache = KVCache(d.num_hidden_layers, max_batch, d.num_key_value_heads,
-                                       max_len, d.head_dim, dtype, self.device)
+                                       max_len, d.head_dim, dtype, self.device,
+                                       batch_invariant=False)
         eos = set(cfg.eos_token_id) | set(stop_tokens)
         if bundle.tokens is not None:
             eos.add(bundle.tokens.eos)
