@@ -23,6 +23,8 @@ from torch import nn
 
 from models.invariant_attention import batch_invariant
 
+HALF = (torch.bfloat16, torch.float16)  # float32's decode step skips the invariance check
+
 if TYPE_CHECKING:
     from models.kv_cache import BlockLayout, KVCache
 
@@ -162,7 +164,7 @@ def project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) 
     gives a row the same bits at any 2+ rows, but the one-row product takes another kernel
     (gemv) whose bits differ, and exact speculation needs a token's bits not to depend on the
     rows beside it (with `models.invariant_attention`; docs/engine.md, 2026-12-07)."""
-    if x.numel() == x.shape[-1] and batch_invariant(x.dtype, x.device):
+    if x.dtype in HALF and x.numel() == x.shape[-1] and batch_invariant(x.dtype, x.device):
         flat = x.reshape(1, -1)
         y = torch.matmul(torch.cat((flat, flat)), weight_t)[:1].view(*x.shape[:-1], -1)
     else:
